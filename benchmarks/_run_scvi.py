@@ -1,0 +1,94 @@
+"""Train scvi-tools SCVI on prepared train cells; save test/train latents and held-out log p(x).
+
+Runs in the scvi-tools venv (scvi-tools is never a dependency of omicvae_sc).  Called by
+``vs_scvi.py``; runnable alone on the files written by ``_prep.py``::
+
+    /work/venvs/dev/bin/python benchmarks/_prep.py --out-dir /tmp/pbmc3k_prep
+    /work/venvs/scvi/bin/python benchmarks/_run_scvi.py --train /tmp/pbmc3k_prep/train.h5ad \
+        --test /tmp/pbmc3k_prep/test.h5ad --epochs 200 --seed 0 --out /tmp/scvi.npz
+
+Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll_test``
+(per-cell importance-weighted log p(x), 100 samples, nats), ``obs_train``, ``obs_test``
+(cell names, to check alignment), ``train_seconds`` (wall time of ``train()`` only),
+``epochs`` (epochs actually run), ``tool``, ``version``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True, type=Path, help="prepared train .h5ad")
+    parser.add_argument("--test", required=True, type=Path, help="prepared held-out .h5ad")
+    parser.add_argument("--out", required=True, type=Path, help="output .npz")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--n-mc-samples", type=int, default=100, help="importance samples K")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import scvi  # imported late so that --help works without the scvi venv
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scvi.settings.seed = args.seed
+    train, test = ad.read_h5ad(args.train), ad.read_h5ad(args.test)
+
+    scvi.model.SCVI.setup_anndata(train, layer="counts")
+    model = scvi.model.SCVI(
+        train,
+        n_latent=10,
+        n_hidden=128,
+        n_layers=1,
+        dropout_rate=0.1,
+        gene_likelihood=args.likelihood,
+    )
+    start = time.perf_counter()
+    # train_size=1.0: no validation split, every training cell is used (accepted by 1.4.2).
+    model.train(
+        max_epochs=args.epochs,
+        train_size=1.0,
+        batch_size=128,
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    train_seconds = time.perf_counter() - start
+    epochs = len(model.history["elbo_train"])
+
+    z_train = model.get_latent_representation(train)
+    z_test = model.get_latent_representation(test)
+    # return_mean=False gives log p(x) per cell (higher is better); return_mean=True would
+    # average per-minibatch means, which overweights the last, smaller minibatch.
+    ll_test = model.get_marginal_ll(test, n_mc_samples=args.n_mc_samples, return_mean=False)
+
+    np.savez(
+        args.out,
+        z_train=np.asarray(z_train, dtype=np.float32),
+        z_test=np.asarray(z_test, dtype=np.float32),
+        ll_test=ll_test.detach().cpu().numpy().astype(np.float64),
+        obs_train=np.asarray(train.obs_names, dtype=str),
+        obs_test=np.asarray(test.obs_names, dtype=str),
+        train_seconds=train_seconds,
+        epochs=epochs,
+        tool="scvi-tools",
+        version=scvi.__version__,
+    )
+    print(
+        f"scvi-tools {scvi.__version__}: {epochs} epochs in {train_seconds:.1f} s, "
+        f"held-out log p(x) {ll_test.mean().item():.2f} nats/cell -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

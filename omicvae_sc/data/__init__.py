@@ -1,0 +1,27 @@
+"""The AnnData boundary: the only code that reads or writes AnnData."""
+
+from omicvae_sc.data._loader import CountTensors
+from omicvae_sc.data._setup import (
+    SETUP_KEY,
+    AnnDataSetup,
+    build_setup,
+    covariate_codes,
+    read_setup,
+)
+from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
+from omicvae_sc.data._writeback import Results, output_keys, write_results
+
+__all__ = [
+    "SETUP_KEY",
+    "AnnDataSetup",
+    "CountTensors",
+    "Results",
+    "build_setup",
+    "check_anndata_object",
+    "check_counts",
+    "covariate_codes",
+    "get_counts",
+    "output_keys",
+    "read_setup",
+    "write_results",
+]

@@ -1,0 +1,83 @@
+"""Counts -> minibatches of torch tensors on the model's device.
+
+Small data is held densely on the device (one gather per minibatch, no host work in the step);
+larger data stays CSR on the device and each minibatch is densified there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+DENSE_LIMIT_BYTES = 2 * 1024**3
+"""Hold the counts densely on the device when the dense float32 matrix is at most this large."""
+
+
+class CountTensors:
+    """Counts of a set of cells and their covariate codes, held on one device.
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` raw counts, dense or scipy sparse.
+    codes
+        ``(n_cells, n_covariates)`` integer covariate codes, or ``None``.
+    device
+        Where the tensors live.
+    dense_limit_bytes
+        Above this dense size the counts are kept as CSR and densified per minibatch.
+    """
+
+    def __init__(
+        self, counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
+        device: torch.device | str = "cpu", *, dense_limit_bytes: int = DENSE_LIMIT_BYTES,
+    ):
+        self.device = torch.device(device)
+        self.n_cells, self.n_genes = counts.shape
+        self.codes = None if codes is None else torch.as_tensor(codes, device=self.device)
+        self.dense: torch.Tensor | None = None
+        if self.n_cells * self.n_genes * 4 <= dense_limit_bytes:
+            arr = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+            self.dense = torch.as_tensor(arr, dtype=torch.float32, device=self.device)
+        else:
+            csr = sp.csr_matrix(counts)
+            self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
+            self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=self.device)
+            self.values = torch.as_tensor(csr.data, dtype=torch.float32, device=self.device)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``."""
+        if self.dense is not None:
+            return self.dense[idx]
+        start, stop = self.indptr[idx], self.indptr[idx + 1]
+        lengths = stop - start  # (batch,) non-zeros per cell
+        total = int(lengths.sum())
+        row = torch.repeat_interleave(torch.arange(len(idx), device=self.device), lengths,
+                                      output_size=total)
+        first = torch.cumsum(lengths, 0) - lengths  # where each cell's run starts in the output
+        pos = start[row] + torch.arange(total, device=self.device) - first[row]
+        out = torch.zeros(len(idx), self.n_genes, device=self.device)
+        out[row, self.indices[pos]] = self.values[pos]
+        return out
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(counts, codes)`` minibatches covering every cell once.
+
+        A trailing batch of a single cell is folded into the one before it, because BatchNorm
+        cannot normalize one sample in training mode.
+        """
+        if shuffle:
+            order = torch.randperm(self.n_cells, generator=generator).to(self.device)
+        else:
+            order = torch.arange(self.n_cells, device=self.device)
+        bounds = list(range(0, self.n_cells, batch_size)) + [self.n_cells]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            idx = order[lo:hi]
+            yield self.rows(idx), None if self.codes is None else self.codes[idx]

@@ -1,0 +1,130 @@
+"""Which counts and covariates a model uses: validated once, recorded as a small plain dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
+
+SETUP_KEY = "omicvae_setup"
+"""``adata.uns`` key where :meth:`OmicVAE.setup_anndata` records the setup."""
+
+
+@dataclass(frozen=True)
+class AnnDataSetup:
+    """The data a model is fitted to: the count layer and the categorical covariates.
+
+    ``covariate_keys`` lists the batch key first (when given), then the other covariates;
+    ``categories`` holds, for each of them, the category names in code order.
+    """
+
+    layer: str | None
+    batch_key: str | None
+    covariate_keys: tuple[str, ...]
+    categories: tuple[tuple[str, ...], ...]
+
+    @property
+    def n_categories(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.categories)
+
+    def to_dict(self) -> dict:
+        """Plain, h5ad-serializable dict (``None`` is not storable in h5ad, so it is omitted)."""
+        d: dict = {"covariate_keys": list(self.covariate_keys)}
+        if self.layer is not None:
+            d["layer"] = self.layer
+        if self.batch_key is not None:
+            d["batch_key"] = self.batch_key
+        d["categories"] = {k: list(c) for k, c in zip(self.covariate_keys, self.categories,
+                                                       strict=True)}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AnnDataSetup:
+        keys = tuple(str(k) for k in np.atleast_1d(d.get("covariate_keys", [])))
+        cats = d.get("categories", {})
+        return cls(
+            layer=d.get("layer"),
+            batch_key=d.get("batch_key"),
+            covariate_keys=keys,
+            categories=tuple(tuple(str(c) for c in np.atleast_1d(cats[k])) for k in keys),
+        )
+
+
+def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        cols = list(adata.obs.columns)
+        shown = cols[:10] + (["..."] if len(cols) > 10 else [])
+        msg = f"adata.obs has no column {key!r} (passed as {role}); available columns: {shown}."
+        raise KeyError(msg)
+    col = adata.obs[key]
+    if col.isna().any():
+        cell = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[0]]
+        msg = (
+            f"adata.obs[{key!r}] (passed as {role}) has missing values (first at cell {cell!r}); "
+            "give every cell a category, e.g. 'unknown'."
+        )
+        raise ValueError(msg)
+    return col
+
+
+def build_setup(
+    adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
+    categorical_covariate_keys: list[str] | tuple[str, ...] | None = None,
+) -> AnnDataSetup:
+    """Validate ``adata`` and describe its counts and covariates, without writing anything."""
+    check_anndata_object(adata)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    check_counts(adata, get_counts(adata, layer), where)
+    extra = tuple(categorical_covariate_keys or ())
+    keys = ((batch_key,) if batch_key is not None else ()) + extra
+    if len(set(keys)) != len(keys):
+        msg = f"Covariate keys must be distinct; got batch_key={batch_key!r} and {list(extra)}."
+        raise ValueError(msg)
+    categories = []
+    for i, key in enumerate(keys):
+        role = "batch_key" if i == 0 and batch_key is not None else "categorical_covariate_keys"
+        col = _obs_column(adata, key, role)
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            cats = col.cat.remove_unused_categories().cat.categories.astype(str)
+        else:
+            cats = pd.Index(np.unique(col.astype(str)))
+        categories.append(tuple(str(c) for c in cats))
+    return AnnDataSetup(layer=layer, batch_key=batch_key, covariate_keys=keys,
+                        categories=tuple(categories))
+
+
+def read_setup(adata: AnnData) -> AnnDataSetup:
+    """The setup recorded by :meth:`OmicVAE.setup_anndata`."""
+    if SETUP_KEY not in adata.uns:
+        msg = (
+            f"adata.uns has no {SETUP_KEY!r}: this AnnData was not set up. Run "
+            "`OmicVAE.setup_anndata(adata, layer=..., batch_key=...)` first."
+        )
+        raise KeyError(msg)
+    return AnnDataSetup.from_dict(adata.uns[SETUP_KEY])
+
+
+def covariate_codes(adata: AnnData, setup: AnnDataSetup) -> np.ndarray | None:
+    """Integer codes ``(n_cells, n_covariates)`` of the covariates, in the setup's category order.
+
+    Raises if ``adata`` holds a category the setup (and so a trained model) has not seen.
+    """
+    if not setup.covariate_keys:
+        return None
+    codes = np.empty((adata.n_obs, len(setup.covariate_keys)), dtype=np.int64)
+    for j, (key, cats) in enumerate(zip(setup.covariate_keys, setup.categories, strict=True)):
+        values = _obs_column(adata, key, "a covariate of the model").astype(str).to_numpy()
+        index = pd.Index(cats).get_indexer(values)
+        if (index < 0).any():
+            unseen = sorted(set(values[index < 0]))[:5]
+            msg = (
+                f"adata.obs[{key!r}] holds categories the model was not trained on: {unseen}; "
+                f"known categories: {list(cats)[:10]}. Map them to known ones or retrain."
+            )
+            raise ValueError(msg)
+        codes[:, j] = index
+    return codes

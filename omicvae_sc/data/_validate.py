@@ -1,0 +1,107 @@
+"""Checks on an AnnData before anything is written to it. Each error says what was found, where,
+and what to do next."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+def check_anndata_object(adata: AnnData) -> None:
+    """Reject views, backed objects, empty objects and duplicated gene names."""
+    if not isinstance(adata, AnnData):
+        msg = f"Expected an AnnData object, found {type(adata).__name__}."
+        raise TypeError(msg)
+    if adata.is_view:
+        msg = (
+            "adata is a view of another AnnData; omicvae_sc writes results into the object it is "
+            "given and will not write into a view. Run `adata = adata.copy()` first."
+        )
+        raise ValueError(msg)
+    if adata.isbacked:
+        msg = (
+            "adata is backed (opened with backed='r'); omicvae_sc needs the counts in memory. "
+            "Run `adata = adata.to_memory()` first."
+        )
+        raise ValueError(msg)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        msg = f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); nothing to fit."
+        raise ValueError(msg)
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()][:3].tolist()
+        msg = (
+            f"adata.var_names has duplicated gene names (e.g. {dup}); results are written per "
+            "gene and need unique names. Run `adata.var_names_make_unique()` first."
+        )
+        raise ValueError(msg)
+
+
+def get_counts(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
+    """The count matrix named by ``layer`` (``None`` means ``adata.X``), without copying."""
+    if layer is None:
+        if adata.X is None:
+            msg = "adata.X is empty; pass layer= naming the layer that holds the raw counts."
+            raise ValueError(msg)
+        return adata.X
+    if layer not in adata.layers:
+        msg = (
+            f"adata.layers has no layer {layer!r}; available layers: {list(adata.layers)}. "
+            "Pass layer= naming the raw-count layer, or layer=None to use adata.X."
+        )
+        raise KeyError(msg)
+    return adata.layers[layer]
+
+
+def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
+    """Cell name, gene name and value of the first entry where ``mask_values(values)`` holds."""
+    if sp.issparse(matrix):
+        m = matrix.tocsr() if matrix.format != "csr" else matrix
+        pos = int(np.flatnonzero(mask_values(m.data))[0])
+        row = int(np.searchsorted(m.indptr, pos, side="right") - 1)
+        col, value = int(m.indices[pos]), float(m.data[pos])
+    else:
+        arr = np.asarray(matrix)
+        row, col = (int(i) for i in np.argwhere(mask_values(arr))[0])
+        value = float(arr[row, col])
+    return str(adata.obs_names[row]), str(adata.var_names[col]), value
+
+
+def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
+    """Raise unless ``matrix`` holds finite, non-negative integers and every cell has a count.
+
+    Returns the per-cell library sizes (float64).
+    """
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        msg = f"{where} has dtype {values.dtype}; expected numeric raw counts."
+        raise TypeError(msg)
+    checks = [
+        (lambda v: ~np.isfinite(v), "NaN or infinite values",
+         "Remove or fix those entries; the likelihood is defined on finite counts."),
+        (lambda v: v < 0, "negative values",
+         "The NB/ZINB likelihood needs raw counts. Pass layer= naming the raw-count layer."),
+        (lambda v: v != np.round(v), "non-integer values",
+         "The NB/ZINB likelihood needs raw counts, not normalized or log values. Pass layer= "
+         "naming the raw-count layer."),
+    ]
+    if np.issubdtype(values.dtype, np.floating):
+        for bad, what, todo in checks:
+            if bad(values).any():
+                cell, gene, value = _where(adata, matrix, bad)
+                msg = f"{where} holds {what} (first {value:g} at cell {cell!r}, gene {gene!r}). {todo}"
+                raise ValueError(msg)
+    elif (values < 0).any():
+        cell, gene, value = _where(adata, matrix, lambda v: v < 0)
+        msg = f"{where} holds negative values (first {value:g} at cell {cell!r}, gene {gene!r})."
+        raise ValueError(msg)
+    library = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+    empty = np.flatnonzero(library == 0)
+    if empty.size:
+        msg = (
+            f"{empty.size} cell(s) in {where} have zero total counts (first: "
+            f"{adata.obs_names[empty[0]]!r}); the library size is the model's exposure and must be "
+            "positive. Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+        raise ValueError(msg)
+    return library

@@ -1,0 +1,57 @@
+"""Every write into ``adata.obsm`` / ``obs`` / ``layers`` / ``uns`` happens here, after validation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from anndata import AnnData
+
+logger = logging.getLogger("omicvae_sc")
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything one fit writes back. Per-cell arrays have one row per cell of the AnnData."""
+
+    latent: np.ndarray  # (cells, n_latent)
+    obs: dict[str, np.ndarray]  # suffix -> (cells,), e.g. "log_likelihood"
+    uns: dict  # plain, h5ad-serializable
+    denoised: np.ndarray | None = None  # (cells, genes)
+
+
+def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
+    """The keys :func:`write_results` adds, by AnnData attribute."""
+    keys = {
+        "obsm": [f"X_{key_added}"],
+        "obs": [f"{key_added}_{suffix}" for suffix in results.obs],
+        "uns": [key_added],
+        "layers": [f"{key_added}_denoised"] if results.denoised is not None else [],
+    }
+    return keys
+
+
+def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[str, list[str]]:
+    """Validate shapes, then write ``results`` into ``adata`` and log the keys added."""
+    n = adata.n_obs
+    bad = [name for name, arr in [("latent", results.latent), *results.obs.items()]
+           if arr.shape[0] != n]
+    if results.denoised is not None and results.denoised.shape != adata.shape:
+        bad.append("denoised")
+    if bad:
+        msg = f"Results {bad} do not match adata's {n} cells x {adata.n_vars} genes; nothing written."
+        raise ValueError(msg)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}."
+        raise ValueError(msg)
+    keys = output_keys(key_added, results)
+    adata.obsm[keys["obsm"][0]] = np.asarray(results.latent, dtype=np.float32)
+    for name, suffix in zip(keys["obs"], results.obs, strict=True):
+        adata.obs[name] = np.asarray(results.obs[suffix])
+    if results.denoised is not None:
+        adata.layers[keys["layers"][0]] = np.asarray(results.denoised, dtype=np.float32)
+    adata.uns[key_added] = results.uns
+    added = ", ".join(f"{attr}[{k!r}]" for attr, ks in keys.items() for k in ks)
+    logger.info("omicvae_sc added %s", added)
+    return keys

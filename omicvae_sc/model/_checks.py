@@ -1,0 +1,87 @@
+"""Argument checks and look-ups of the model class; each error says what was found and what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from omicvae_sc.data import AnnDataSetup
+from omicvae_sc.module import DISPERSIONS, LIKELIHOODS
+
+
+def check_hyperparameters(hparams: dict, setup: AnnDataSetup) -> None:
+    """Reject hyperparameters the model cannot be built with."""
+    if hparams["likelihood"] not in LIKELIHOODS:
+        msg = f"likelihood={hparams['likelihood']!r} is not one of {list(LIKELIHOODS)}."
+        raise ValueError(msg)
+    if hparams["dispersion"] not in DISPERSIONS:
+        msg = f"dispersion={hparams['dispersion']!r} is not one of {list(DISPERSIONS)}."
+        raise ValueError(msg)
+    if hparams["dispersion"] == "gene-batch" and setup.batch_key is None:
+        msg = "dispersion='gene-batch' needs a batch; run setup_anndata with batch_key=."
+        raise ValueError(msg)
+    for key in ("n_latent", "n_hidden", "n_layers"):
+        if not isinstance(hparams[key], int | np.integer) or hparams[key] < 1:
+            msg = f"{key} must be a positive integer, got {hparams[key]!r}."
+            raise ValueError(msg)
+    if not 0.0 <= hparams["dropout_rate"] < 1.0:
+        msg = f"dropout_rate must be in [0, 1), got {hparams['dropout_rate']!r}."
+        raise ValueError(msg)
+
+
+def check_same_genes(expected: np.ndarray, found: pd.Index) -> None:
+    """The model's genes, in the model's order, must be the AnnData's genes."""
+    found = np.asarray(found, dtype=str)
+    if len(found) != len(expected):
+        msg = (
+            f"adata has {len(found)} genes but the model was trained on {len(expected)}. "
+            "Subset adata to the model's genes, e.g. `adata[:, model.var_names].copy()`."
+        )
+        raise ValueError(msg)
+    mismatch = np.flatnonzero(found != expected)
+    if mismatch.size:
+        i = int(mismatch[0])
+        msg = (
+            f"adata's genes differ from the model's ({mismatch.size} positions; first at {i}: "
+            f"{found[i]!r} where the model has {expected[i]!r}). Reorder or subset adata with "
+            "`adata[:, model.var_names].copy()`."
+        )
+        raise ValueError(msg)
+
+def validation_split(n: int, fraction: float, early_stopping: bool, seed: int) -> tuple[np.ndarray, ...]:
+    if not 0.0 <= fraction < 1.0:
+        msg = f"validation_fraction must be in [0, 1), got {fraction}."
+        raise ValueError(msg)
+    n_val = int(round(n * fraction))
+    if early_stopping and n_val == 0:
+        msg = "early_stopping=True needs a validation split; set validation_fraction > 0."
+        raise ValueError(msg)
+    if n - n_val < 2:
+        msg = f"Training needs at least 2 cells outside the validation split; found {n - n_val}."
+        raise ValueError(msg)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def gene_columns(var_names: np.ndarray, gene_list: list[str] | None) -> np.ndarray:
+    if gene_list is None:
+        return np.arange(len(var_names))
+    index = {g: i for i, g in enumerate(var_names)}
+    missing = [g for g in gene_list if g not in index]
+    if missing:
+        msg = f"gene_list names genes the model does not have: {missing[:5]}."
+        raise KeyError(msg)
+    return np.asarray([index[g] for g in gene_list])
+
+
+def batch_code_of(setup: AnnDataSetup, transform_batch: str | None) -> int | None:
+    if transform_batch is None:
+        return None
+    if setup.batch_key is None:
+        msg = "transform_batch needs a model set up with batch_key=."
+        raise ValueError(msg)
+    cats = list(setup.categories[0])
+    if str(transform_batch) not in cats:
+        msg = f"transform_batch={transform_batch!r} is not a known batch; known: {cats[:10]}."
+        raise ValueError(msg)
+    return cats.index(str(transform_batch))

@@ -1,0 +1,351 @@
+"""``OmicVAE``: the user-facing model, where data/, module/ and train/ meet."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from omicvae_sc.data import (
+    SETUP_KEY,
+    AnnDataSetup,
+    CountTensors,
+    Results,
+    build_setup,
+    check_anndata_object,
+    check_counts,
+    covariate_codes,
+    get_counts,
+    read_setup,
+    write_results,
+)
+from omicvae_sc.model import _io
+from omicvae_sc.model._checks import (
+    batch_code_of,
+    check_hyperparameters,
+    check_same_genes,
+    gene_columns,
+    validation_split,
+)
+from omicvae_sc.module import VAE, CellEvaluation
+from omicvae_sc.train import History, TrainConfig, default_max_epochs, fit
+
+CHUNK_ELEMENTS = 2**25
+"""Inference works on chunks of cells holding at most about this many (samples x cells x genes)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` means CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG inside the block and restore the caller's RNG state afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class OmicVAE:
+    """A variational autoencoder for single-cell counts with an NB, ZINB or Poisson likelihood.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent, n_hidden, n_layers
+        Latent width, hidden width, number of hidden layers (defaults as in scvi-tools).
+    dropout_rate
+        Dropout in the encoder.
+    likelihood
+        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``. See the README for the measurements
+        behind the default.
+    dispersion
+        ``"gene"`` or ``"gene-batch"``.
+    encode_covariates
+        Also give the covariates to the encoder.
+    seed
+        Seeds the weight initialisation, and training unless ``train`` gets its own seed.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+    """
+
+    def __init__(
+        self, adata: AnnData, *, n_latent: int = 10, n_hidden: int = 128, n_layers: int = 1,
+        dropout_rate: float = 0.1, likelihood: str = "zinb", dispersion: str = "gene",
+        encode_covariates: bool = False, seed: int = 0, device: str | torch.device = "auto",
+    ):
+        hparams = dict(n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+                       dropout_rate=dropout_rate, likelihood=likelihood, dispersion=dispersion,
+                       encode_covariates=encode_covariates, seed=seed)
+        check_anndata_object(adata)
+        self._build(adata, read_setup(adata), hparams, device)
+
+    @classmethod
+    def _from_setup(cls, adata: AnnData, setup: AnnDataSetup, device="auto", **hparams) -> OmicVAE:
+        """Build without reading ``adata.uns`` (used by ``tl.omicvae`` and ``load``)."""
+        obj = cls.__new__(cls)
+        defaults = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1,
+                        likelihood="zinb", dispersion="gene", encode_covariates=False, seed=0)
+        obj._build(adata, setup, defaults | hparams, device)
+        return obj
+
+    def _build(self, adata: AnnData, setup: AnnDataSetup, hparams: dict, device) -> None:
+        check_hyperparameters(hparams, setup)
+        self.adata = adata
+        self.setup = setup
+        self.hparams = hparams
+        self.var_names = np.asarray(adata.var_names, dtype=str)
+        self.device = resolve_device(device)
+        with seeded(hparams["seed"], self.device):
+            module_args = {k: v for k, v in hparams.items() if k != "seed"}
+            self.module = VAE(len(self.var_names), n_categories=setup.n_categories,
+                              has_batch=setup.batch_key is not None, **module_args)
+        self.module.to(self.device).eval()
+        self.history = History()
+        self.is_trained = False
+
+    def __repr__(self) -> str:
+        h = self.hparams
+        return (f"OmicVAE({len(self.var_names)} genes, n_latent={h['n_latent']}, "
+                f"likelihood={h['likelihood']!r}, covariates={list(self.setup.covariate_keys)}, "
+                f"trained={self.is_trained}, device={self.device})")
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def setup_anndata(
+        adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Validate ``adata`` and record which counts and covariates to model.
+
+        Writes one small plain dict, ``adata.uns['omicvae_setup']``; on bad input it raises and
+        leaves ``adata`` untouched.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes, raw integer counts in ``adata.X`` or ``adata.layers[layer]``.
+        layer
+            Layer with the raw counts (``None``: ``adata.X``).
+        batch_key
+            ``adata.obs`` column with the batch; the decoder sees it, so batch effects are
+            explained by the covariate rather than the latent.
+        categorical_covariate_keys
+            Further categorical ``adata.obs`` columns given to the decoder.
+        """
+        setup = build_setup(adata, layer=layer, batch_key=batch_key,
+                            categorical_covariate_keys=categorical_covariate_keys)
+        adata.uns[SETUP_KEY] = setup.to_dict()
+
+    def _host_data(self, adata: AnnData | None) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
+        """Validated counts and covariate codes of ``adata`` (default: the training AnnData)."""
+        adata = self.adata if adata is None else adata
+        check_anndata_object(adata)
+        check_same_genes(self.var_names, adata.var_names)
+        counts = get_counts(adata, self.setup.layer)
+        check_counts(adata, counts, "adata.X" if self.setup.layer is None
+                     else f"adata.layers[{self.setup.layer!r}]")
+        return counts, covariate_codes(adata, self.setup)
+
+    def _tensors(self, adata: AnnData | None) -> CountTensors:
+        return CountTensors(*self._host_data(adata), self.device)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self, max_epochs: int | None = None, *, batch_size: int = 128, lr: float = 1e-3,
+        beta: float = 1.0, warmup_fraction: float = 0.25, validation_fraction: float = 0.1,
+        early_stopping: bool = False, patience: int = 25, seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> History:
+        """Fit by maximizing the ELBO with Adam; returns (and keeps) the per-epoch history.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; ``None`` scales with the data (400 up to 20k cells,
+            falling as 1/n above, at least 20).
+        batch_size
+            Cells per minibatch.
+        lr
+            Adam learning rate.
+        beta
+            Weight of the KL term (rate) once warmed up; 1 gives the ELBO.
+        warmup_fraction
+            Fraction of all optimizer steps over which the KL weight rises linearly to ``beta``.
+        validation_fraction
+            Share of cells held out to record validation ELBO (and for early stopping); 0 for none.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``patience`` epochs after warm-up,
+            and keep the best weights.
+        seed
+            Seeds shuffling, dropout and sampling (default: the model's seed). Same seed, same
+            result on the CPU.
+        progress_bar
+            Show a tqdm bar with the ELBO.
+        """
+        seed = self.hparams["seed"] if seed is None else seed
+        n = self.adata.n_obs
+        max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
+        config = TrainConfig(max_epochs=max_epochs, batch_size=batch_size, lr=lr, beta=beta,
+                             warmup_fraction=warmup_fraction, early_stopping=early_stopping,
+                             patience=patience, progress_bar=progress_bar)
+        counts, codes = self._host_data(None)
+        train_idx, val_idx = validation_split(n, validation_fraction, early_stopping, seed)
+        train_data, val_data = (
+            CountTensors(counts[idx], None if codes is None else codes[idx], self.device)
+            if len(idx) else None
+            for idx in (train_idx, val_idx)
+        )
+        generator = torch.Generator().manual_seed(seed)
+        with seeded(seed, self.device):
+            history = fit(self.module, train_data, val_data, config, generator=generator,
+                          first_epoch=len(self.history))
+        self.history = self.history.concat(history)
+        self.is_trained = True
+        return self.history
+
+    # ------------------------------------------------------------------ outputs
+    def _chunks(self, data: CountTensors, n_samples: int = 1, batch_size: int | None = None):
+        if batch_size is None:
+            batch_size = max(2, CHUNK_ELEMENTS // max(1, n_samples * data.n_genes))
+        yield from data.batches(batch_size, shuffle=False)
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self, adata: AnnData | None = None, *, give_mean: bool = True, seed: int = 0,
+    ) -> np.ndarray:
+        """Latent coordinates ``(n_cells, n_latent)``: the posterior mean, or one draw of q(z|x)."""
+        data = self._tensors(adata)
+        out = []
+        with seeded(seed, self.device):
+            for x, codes in self._chunks(data):
+                mean, var = self.module.inference(x, codes)
+                out.append(mean if give_mean else mean + var.sqrt() * torch.randn_like(mean))
+        return torch.cat(out).cpu().numpy()
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self, adata: AnnData | None = None, *, library_size: float | str = 1e4,
+        gene_list: list[str] | None = None, transform_batch: str | None = None,
+    ) -> np.ndarray:
+        """Denoised expression ``(n_cells, n_genes_selected)`` from the posterior mean.
+
+        Parameters
+        ----------
+        library_size
+            Scale each cell to this total (default 1e4, as ``sc.pp.normalize_total``), or
+            ``"observed"`` for the cell's own library size (denoised counts).
+        gene_list
+            Genes to return (default all); only these columns are ever materialized.
+        transform_batch
+            Decode every cell as if it came from this batch category (counterfactual expression).
+        """
+        data = self._tensors(adata)
+        cols = gene_columns(self.var_names, gene_list)
+        batch_code = batch_code_of(self.setup, transform_batch)
+        out = []
+        for x, codes in self._chunks(data):
+            mean, _ = self.module.inference(x, codes)
+            dec_codes = codes
+            if batch_code is not None:
+                dec_codes = codes.clone()
+                dec_codes[:, 0] = batch_code
+            frac = self.module.expression_fractions(mean, dec_codes)[:, cols]
+            scale = x.sum(-1, keepdim=True) if library_size == "observed" else float(library_size)
+            out.append((frac * scale).cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def _evaluate(self, adata: AnnData | None, n_samples: int, seed: int) -> CellEvaluation:
+        data = self._tensors(adata)
+        parts = []
+        with seeded(seed, self.device):
+            for x, codes in self._chunks(data, n_samples):
+                parts.append(self.module.evaluate(x, codes, n_samples=n_samples))
+        return CellEvaluation(*(torch.cat([getattr(p, f) for p in parts]).double().cpu()
+                                for f in ("log_likelihood", "distortion", "rate")))
+
+    def get_marginal_ll(
+        self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
+    ) -> np.ndarray:
+        """Per-cell importance-weighted estimate of log p(x) in nats, ``(n_cells,)``.
+
+        ``n_samples`` draws from q(z|x) per cell, vectorized and computed in chunks of cells.
+        """
+        return self._evaluate(adata, n_samples, seed).log_likelihood.numpy()
+
+    def get_elbo(
+        self, adata: AnnData | None = None, *, n_samples: int = 10, seed: int = 0
+    ) -> np.ndarray:
+        """Per-cell evidence lower bound (nats; higher is better), ``(n_cells,)``."""
+        ev = self._evaluate(adata, n_samples, seed)
+        return -(ev.distortion + ev.rate).numpy()
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self, adata: AnnData | None = None, *, gene_list: list[str] | None = None, seed: int = 0,
+    ) -> sp.csr_matrix:
+        """One draw of counts from p(x | z), z ~ q(z|x), as CSR ``(n_cells, n_genes_selected)``."""
+        data = self._tensors(adata)
+        cols = torch.as_tensor(gene_columns(self.var_names, gene_list), device=self.device)
+        parts = []
+        with seeded(seed, self.device):
+            for x, codes in self._chunks(data):
+                mean, var = self.module.inference(x, codes)
+                z = mean + var.sqrt() * torch.randn_like(mean)
+                px = self.module.generative(z, x.sum(-1, keepdim=True), codes)
+                parts.append(sp.csr_matrix(px.sample()[:, cols].cpu().numpy()))
+        return sp.vstack(parts, format="csr")
+
+    # ------------------------------------------------------------------ writeback, files
+    def write_results(
+        self, adata: AnnData | None = None, *, key_added: str = "omicvae", layers: bool = False,
+        n_samples: int = 25, seed: int = 0,
+    ) -> None:
+        """Write latents, per-cell scores and parameters into ``adata`` (see the README table).
+
+        Adds ``obsm['X_<key>']``, ``obs['<key>_log_likelihood' | '_rate' | '_distortion']``,
+        ``uns['<key>']`` and, with ``layers=True``, ``layers['<key>_denoised']`` (expected counts
+        at each cell's own depth). ``n_samples`` posterior draws estimate the per-cell scores.
+        """
+        adata = self.adata if adata is None else adata
+        ev = self._evaluate(adata, n_samples, seed)
+        results = Results(
+            latent=self.get_latent_representation(adata),
+            obs={"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
+                 "distortion": ev.distortion.numpy()},
+            uns={"params": {**{k: v for k, v in self.hparams.items()}, "n_samples": n_samples,
+                            "device": str(self.device)},
+                 "setup": self.setup.to_dict(), "history": self.history.to_dict()},
+            denoised=self.get_normalized_expression(adata, library_size="observed")
+            if layers else None,
+        )
+        write_results(adata, results, key_added=key_added)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Save weights (``model.pt``) and JSON metadata into the folder ``path``, atomically."""
+        _io.save_model(self, Path(path), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, adata: AnnData, *, device: str = "auto") -> OmicVAE:
+        """Load a saved model for ``adata`` (same genes, in the same order). Never unpickles."""
+        meta, state = _io.read_model(Path(path))
+        model = cls._from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
+                                **meta["hparams"])
+        check_same_genes(np.asarray(meta["var_names"], dtype=str), adata.var_names)
+        model.module.load_state_dict(state)
+        model.module.eval()
+        model.history = History.from_dict(meta["history"])
+        model.is_trained = bool(meta["is_trained"])
+        return model
+

@@ -1,0 +1,232 @@
+"""Count likelihoods (NB, ZINB, Poisson) as ``torch.distributions.Distribution`` objects.
+
+Every ``log_prob`` is computed in log space; the zero-inflation enters as logits through
+``softplus`` so that neither probabilities nor gradients underflow.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Distribution, Gamma, constraints
+from torch.distributions.constraints import Constraint
+from torch.distributions.utils import broadcast_all
+
+__all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "make_count_distribution"]
+
+_EPS = 1e-8  # keeps log() finite at mu -> 0 or theta -> 0
+_MAX_POISSON_RATE = 1e8  # Gamma draws for tiny theta can overflow torch.poisson
+_NO_SAMPLE_SHAPE = torch.Size()  # immutable default for sample(), one draw per batch element
+
+
+def _nb_log_prob(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(log NB(x | mu, theta), log NB(0 | mu, theta))``, both broadcast to one shape."""
+    log_theta_mu_eps = torch.log(theta + mu + _EPS)
+    log_nb_zero = theta * (torch.log(theta + _EPS) - log_theta_mu_eps)
+    # log Γ(x+θ) - log Γ(θ) - log Γ(x+1): the log of the binomial coefficient C(x+θ-1, x)
+    log_binom = torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    log_prob = log_nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu_eps) + log_binom
+    return log_prob, log_nb_zero
+
+
+def _nb_sample(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
+    """Draw NB counts, ``sample_shape + mu.shape``, as a Gamma-Poisson mixture."""
+    rate = Gamma(theta, theta / mu).sample(sample_shape)  # (*sample_shape, batch, genes)
+    return torch.poisson(rate.clamp(max=_MAX_POISSON_RATE))
+
+
+class NegativeBinomial(Distribution):
+    """Negative binomial parametrised by its mean and inverse dispersion.
+
+    ``Var[x] = mu + mu**2 / theta``; ``theta -> inf`` recovers the Poisson.
+
+    Parameters
+    ----------
+    mu
+        Mean, > 0, e.g. ``(batch, genes)``.
+    theta
+        Inverse dispersion, > 0, broadcastable against ``mu`` (often ``(genes,)``).
+    validate_args
+        Check parameters and values against their constraints (off by default: the training
+        loop calls ``log_prob`` on every minibatch).
+    """
+
+    arg_constraints: ClassVar[dict[str, Constraint]] = {
+        "mu": constraints.positive,
+        "theta": constraints.positive,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = False
+    ) -> None:
+        self.mu, self.theta = broadcast_all(mu, theta)  # (batch, genes)
+        super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.mu
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.mu + self.mu**2 / self.theta
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _nb_log_prob(value, self.mu, self.theta)[0]
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
+        return _nb_sample(self.mu, self.theta, torch.Size(sample_shape))
+
+
+class ZeroInflatedNegativeBinomial(Distribution):
+    """Mixture of a point mass at zero (probability ``sigmoid(zi_logits)``) and an NB.
+
+    With ``pi = sigmoid(zi_logits)``: ``E[x] = (1 - pi) * mu`` and
+    ``Var[x] = (1 - pi) * mu * (1 + mu / theta + pi * mu)``.
+
+    Parameters
+    ----------
+    mu
+        Mean of the NB component, > 0, e.g. ``(batch, genes)``.
+    theta
+        Inverse dispersion of the NB component, > 0, broadcastable against ``mu``.
+    zi_logits
+        Logits of the zero-inflation probability, broadcastable against ``mu``.
+    validate_args
+        Check parameters and values against their constraints (off by default).
+    """
+
+    arg_constraints: ClassVar[dict[str, Constraint]] = {
+        "mu": constraints.positive,
+        "theta": constraints.positive,
+        "zi_logits": constraints.real,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu: torch.Tensor,
+        theta: torch.Tensor,
+        zi_logits: torch.Tensor,
+        validate_args: bool | None = False,
+    ) -> None:
+        self.mu, self.theta, self.zi_logits = broadcast_all(mu, theta, zi_logits)
+        super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
+
+    @property
+    def zi_probs(self) -> torch.Tensor:
+        """Probability of the extra zero, ``sigmoid(zi_logits)``."""
+        return torch.sigmoid(self.zi_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (1 - self.zi_probs) * self.mu
+
+    @property
+    def variance(self) -> torch.Tensor:
+        pi = self.zi_probs
+        return (1 - pi) * self.mu * (1 + self.mu / self.theta + pi * self.mu)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_nb, log_nb_zero = _nb_log_prob(value, self.mu, self.theta)
+        softplus_neg_zi = F.softplus(-self.zi_logits)
+        # x == 0: log(pi + (1 - pi) NB(0)) = softplus(-zi + log NB(0)) - softplus(-zi)
+        log_zero = F.softplus(-self.zi_logits + log_nb_zero) - softplus_neg_zi
+        # x > 0: log(1 - pi) + log NB(x), with log(1 - pi) = -zi - softplus(-zi)
+        log_nonzero = -self.zi_logits - softplus_neg_zi + log_nb
+        # both branches are finite everywhere, so torch.where passes finite gradients
+        return torch.where(value < 0.5, log_zero, log_nonzero)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)  # (*sample_shape, batch, genes)
+        counts = _nb_sample(self.mu, self.theta, torch.Size(sample_shape))
+        is_extra_zero = torch.bernoulli(self.zi_probs.expand(shape)).bool()
+        return counts.masked_fill(is_extra_zero, 0.0)
+
+
+class Poisson(Distribution):
+    """Poisson with ``rate >= 0``, with the same ``log_prob`` conventions as the NB.
+
+    Parameters
+    ----------
+    rate
+        Mean and variance, e.g. ``(batch, genes)``.
+    validate_args
+        Check parameters and values against their constraints (off by default).
+    """
+
+    arg_constraints: ClassVar[dict[str, Constraint]] = {"rate": constraints.nonnegative}
+    support = constraints.nonnegative_integer
+
+    def __init__(self, rate: torch.Tensor, validate_args: bool | None = False) -> None:
+        (self.rate,) = broadcast_all(rate)
+        super().__init__(batch_shape=self.rate.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.rate
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.rate
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * torch.log(self.rate + _EPS) - self.rate - torch.lgamma(value + 1)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
+        return torch.poisson(self.rate.expand(self._extended_shape(sample_shape)))
+
+
+_LIKELIHOODS = ("nb", "zinb", "poisson")
+
+
+def make_count_distribution(
+    likelihood: str,
+    mu: torch.Tensor,
+    theta: torch.Tensor | None = None,
+    zi_logits: torch.Tensor | None = None,
+) -> Distribution:
+    """Build the count distribution named by ``likelihood``.
+
+    Parameters
+    ----------
+    likelihood
+        One of ``"nb"``, ``"zinb"``, ``"poisson"``.
+    mu
+        Mean counts, e.g. ``(batch, genes)``; the Poisson rate for ``"poisson"``.
+    theta
+        Inverse dispersion; required for ``"nb"`` and ``"zinb"``, ignored for ``"poisson"``.
+    zi_logits
+        Zero-inflation logits; required for ``"zinb"``, ignored otherwise.
+
+    Returns
+    -------
+    The distribution, with batch shape the broadcast shape of the parameters it uses.
+    """
+    if likelihood not in _LIKELIHOODS:
+        msg = f"likelihood={likelihood!r} is not supported; expected one of {_LIKELIHOODS}."
+        raise ValueError(msg)
+    if likelihood == "poisson":
+        return Poisson(mu)
+    if theta is None:
+        msg = f"likelihood={likelihood!r} needs theta (the inverse dispersion); got None."
+        raise ValueError(msg)
+    if likelihood == "nb":
+        return NegativeBinomial(mu, theta)
+    if zi_logits is None:
+        msg = "likelihood='zinb' needs zi_logits (the zero-inflation logits); got None."
+        raise ValueError(msg)
+    return ZeroInflatedNegativeBinomial(mu, theta, zi_logits)

@@ -1,0 +1,102 @@
+"""Encoder and decoder building blocks (pure torch).
+
+Categorical covariates enter as one-hot codes concatenated to the input of the first layer,
+so the decoder can explain batch effects without routing them through the latent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def one_hot_covariates(codes: torch.Tensor | None, n_categories: tuple[int, ...]) -> torch.Tensor | None:
+    """Concatenate one-hot encodings of several categorical covariates.
+
+    Parameters
+    ----------
+    codes
+        Integer codes, shape ``(batch, n_covariates)``, or ``None`` when there are none.
+    n_categories
+        Number of categories of each covariate.
+
+    Returns
+    -------
+    Float tensor of shape ``(batch, sum(n_categories))``, or ``None``.
+    """
+    if codes is None or not n_categories:
+        return None
+    parts = [
+        nn.functional.one_hot(codes[:, i], n).to(torch.float32)
+        for i, n in enumerate(n_categories)
+    ]
+    return torch.cat(parts, dim=-1)  # (batch, sum(n_categories))
+
+
+class MLP(nn.Module):
+    """Fully connected layers: Linear -> BatchNorm -> ReLU -> Dropout, repeated ``n_layers`` times.
+
+    Covariates (already one-hot) are concatenated to the input of the first layer only.
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, n_cov: int, n_layers: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [n_in + n_cov] + [n_out] * n_layers
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [
+                nn.Linear(d_in, d_out),
+                # momentum/eps as in scvi-tools so comparisons are like for like
+                nn.BatchNorm1d(d_out, momentum=0.01, eps=1e-3),
+                nn.ReLU(),
+            ]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+        if cov is not None:
+            x = torch.cat([x, cov], dim=-1)
+        return self.net(x)
+
+
+class GaussianEncoder(nn.Module):
+    """q(z | x): log1p(counts) -> MLP -> (mean, variance) of a diagonal Gaussian."""
+
+    def __init__(
+        self, n_genes: int, n_latent: int, *, n_hidden: int, n_cov: int, n_layers: int,
+        dropout: float, var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        self.body = MLP(n_genes, n_hidden, n_cov=n_cov, n_layers=n_layers, dropout=dropout)
+        self.mean = nn.Linear(n_hidden, n_latent)
+        self.log_var = nn.Linear(n_hidden, n_latent)
+        self.var_eps = var_eps
+
+    def forward(
+        self, x: torch.Tensor, cov: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(torch.log1p(x), cov)  # (batch, hidden)
+        # exp keeps the variance positive; var_eps keeps it away from 0 for stable gradients
+        return self.mean(h), torch.exp(self.log_var(h)) + self.var_eps
+
+
+class CountDecoder(nn.Module):
+    """p(x | z): z -> MLP -> per-gene expression fractions (softmax) and zero-inflation logits."""
+
+    def __init__(
+        self, n_latent: int, n_genes: int, *, n_hidden: int, n_cov: int, n_layers: int,
+        zero_inflated: bool,
+    ):
+        super().__init__()
+        self.body = MLP(n_latent, n_hidden, n_cov=n_cov, n_layers=n_layers, dropout=0.0)
+        self.scale = nn.Linear(n_hidden, n_genes)
+        self.zi_logits = nn.Linear(n_hidden, n_genes) if zero_inflated else None
+
+    def forward(
+        self, z: torch.Tensor, cov: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.body(z, cov)  # (..., hidden)
+        scale = torch.softmax(self.scale(h), dim=-1)  # (..., genes), rows sum to 1
+        zi = self.zi_logits(h) if self.zi_logits is not None else None
+        return scale, zi

@@ -1,0 +1,171 @@
+"""The count VAE: ``inference`` (q(z|x)), ``generative`` (p(x|z)) and ``loss`` (the negative ELBO).
+
+Pure torch. Counts ``x`` are ``(batch, genes)`` float tensors of non-negative integers; ``codes`` are
+``(batch, n_covariates)`` integer codes of the categorical covariates (batch first, when present).
+The prior is N(0, I); the cell's observed library size is the exposure offset of the decoder mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omicvae_sc.module._distributions import make_count_distribution
+from omicvae_sc.module._nn import CountDecoder, GaussianEncoder, one_hot_covariates
+
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Per-cell terms of one minibatch. ``loss`` is what the optimizer minimizes."""
+
+    loss: torch.Tensor  # () mean over cells of distortion + kl_weight * rate
+    distortion: torch.Tensor  # (batch,) -log p(x | z), one reparameterized sample
+    rate: torch.Tensor  # (batch,) KL(q(z|x) || N(0, I)), analytic
+
+
+@dataclass(frozen=True)
+class CellEvaluation:
+    """Per-cell importance-weighted evaluation with K posterior samples."""
+
+    log_likelihood: torch.Tensor  # (batch,) IWAE estimate of log p(x)
+    distortion: torch.Tensor  # (batch,) mean over samples of -log p(x | z_k)
+    rate: torch.Tensor  # (batch,) analytic KL to the prior
+
+
+class VAE(nn.Module):
+    """A variational autoencoder for count data with an NB, ZINB or Poisson likelihood.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes (input and output width).
+    n_latent, n_hidden, n_layers
+        Latent width, hidden width and number of hidden layers of encoder and decoder.
+    dropout_rate
+        Dropout in the encoder's hidden layers.
+    likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"`` (per gene and batch).
+    n_categories
+        Number of categories of each categorical covariate; the batch, if any, comes first.
+    has_batch
+        Whether the first covariate is the batch (needed for ``dispersion="gene-batch"``).
+    encode_covariates
+        Also feed the covariates to the encoder (by default only the decoder sees them).
+    """
+
+    def __init__(
+        self, n_genes: int, *, n_latent: int = 10, n_hidden: int = 128, n_layers: int = 1,
+        dropout_rate: float = 0.1, likelihood: str = "zinb", dispersion: str = "gene",
+        n_categories: tuple[int, ...] = (), has_batch: bool = False,
+        encode_covariates: bool = False,
+    ):
+        super().__init__()
+        if dispersion == "gene-batch" and not has_batch:
+            msg = "dispersion='gene-batch' needs a batch covariate; pass batch_key= at setup."
+            raise ValueError(msg)
+        self.likelihood = likelihood
+        self.dispersion = dispersion
+        self.n_categories = tuple(n_categories)
+        self.n_latent = n_latent
+        self.encode_covariates = encode_covariates
+        n_cov = sum(self.n_categories)
+        self.encoder = GaussianEncoder(
+            n_genes, n_latent, n_hidden=n_hidden, n_cov=n_cov if encode_covariates else 0,
+            n_layers=n_layers, dropout=dropout_rate,
+        )
+        self.decoder = CountDecoder(
+            n_latent, n_genes, n_hidden=n_hidden, n_cov=n_cov, n_layers=n_layers,
+            zero_inflated=likelihood == "zinb",
+        )
+        n_rows = self.n_categories[0] if dispersion == "gene-batch" else 1
+        # log inverse dispersion; theta = exp(log_theta) starts at 1
+        self.log_theta = nn.Parameter(torch.zeros(n_rows, n_genes))
+
+    # ------------------------------------------------------------------ model
+    def inference(
+        self, x: torch.Tensor, codes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(z | x), each ``(batch, n_latent)``."""
+        cov = one_hot_covariates(codes, self.n_categories) if self.encode_covariates else None
+        return self.encoder(x, cov)
+
+    def generative(
+        self, z: torch.Tensor, library: torch.Tensor, codes: torch.Tensor | None = None
+    ) -> torch.distributions.Distribution:
+        """p(x | z) with mean ``softmax(scale) * library``.
+
+        ``z`` is ``(..., batch, n_latent)`` (leading sample dimensions allowed), ``library`` is
+        ``(batch, 1)``; the returned distribution has batch shape ``(..., batch, genes)``.
+        """
+        lead = z.shape[:-2]
+        n_cells = z.shape[-2]
+        flat = z.reshape(-1, z.shape[-1])  # (samples * batch, latent): BatchNorm wants 2-D
+        cov = one_hot_covariates(codes, self.n_categories)
+        if cov is not None and lead:
+            cov = cov.repeat(math.prod(lead), 1)
+        scale, zi = self.decoder(flat, cov)
+        scale = scale.reshape(*lead, n_cells, -1)  # (..., batch, genes)
+        mu = scale * library
+        theta = self._theta(codes)  # (batch or 1, genes)
+        if zi is not None:
+            zi = zi.reshape(*lead, n_cells, -1)
+        return make_count_distribution(self.likelihood, mu, theta=theta, zi_logits=zi)
+
+    def _theta(self, codes: torch.Tensor | None) -> torch.Tensor:
+        if self.dispersion == "gene-batch":
+            return torch.exp(self.log_theta[codes[:, 0]])  # (batch, genes)
+        return torch.exp(self.log_theta)  # (1, genes)
+
+    def expression_fractions(self, z: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """Decoder expression fractions ``softmax(scale)``, ``(batch, genes)``, rows summing to 1."""
+        cov = one_hot_covariates(codes, self.n_categories)
+        return self.decoder(z, cov)[0]
+
+    # ------------------------------------------------------------------ objective
+    @staticmethod
+    def kl_to_prior(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """KL(N(mean, var) || N(0, I)) summed over latent dimensions, ``(batch,)``."""
+        return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
+
+    def loss(
+        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> LossOutput:
+        """Negative ELBO with a weight on the KL term (beta), from one reparameterized sample."""
+        mean, var = self.inference(x, codes)
+        z = mean + var.sqrt() * torch.randn_like(mean)  # reparameterization trick
+        library = x.sum(-1, keepdim=True)  # (batch, 1) observed exposure
+        px = self.generative(z, library, codes)
+        distortion = -px.log_prob(x).sum(-1)  # (batch,)
+        rate = self.kl_to_prior(mean, var)  # (batch,)
+        loss = (distortion + kl_weight * rate).mean()
+        return LossOutput(loss=loss, distortion=distortion, rate=rate)
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, n_samples: int = 100
+    ) -> CellEvaluation:
+        """Importance-weighted log p(x) with ``n_samples`` draws from q(z|x), all in one pass.
+
+        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K.
+        """
+        mean, var = self.inference(x, codes)
+        std = var.sqrt()
+        eps = torch.randn((n_samples, *mean.shape), device=x.device, dtype=mean.dtype)
+        z = mean + std * eps  # (K, batch, latent)
+        library = x.sum(-1, keepdim=True)
+        log_px_z = self.generative(z, library, codes).log_prob(x).sum(-1)  # (K, batch)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi)).sum(-1) - torch.log(std).sum(-1)
+        log_w = log_px_z + log_pz - log_qz
+        log_lik = torch.logsumexp(log_w, dim=0) - math.log(n_samples)
+        return CellEvaluation(
+            log_likelihood=log_lik, distortion=-log_px_z.mean(0), rate=self.kl_to_prior(mean, var)
+        )

@@ -1,0 +1,5 @@
+"""Scanpy-style one-call tools."""
+
+from omicvae_sc.tl._omicvae import omicvae
+
+__all__ = ["omicvae"]

@@ -1,0 +1,76 @@
+"""``tl.omicvae``: fit and write back in one call, scanpy style."""
+
+from __future__ import annotations
+
+from anndata import AnnData
+
+from omicvae_sc.data import build_setup
+from omicvae_sc.model import OmicVAE
+
+
+def omicvae(
+    adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None, n_latent: int = 10,
+    likelihood: str = "zinb", max_epochs: int | None = None, seed: int = 0,
+    device: str = "auto", key_added: str = "omicvae", layers: bool = False,
+    progress_bar: bool = True, model_kwargs: dict | None = None,
+    train_kwargs: dict | None = None, copy: bool = False,
+) -> AnnData | None:
+    """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw integer counts in ``adata.X`` or ``adata.layers[layer]``.
+    layer
+        Layer with the raw counts (``None``: ``adata.X``).
+    batch_key
+        ``adata.obs`` column with the batch, explained by the decoder rather than the latent.
+    categorical_covariate_keys
+        Further categorical ``adata.obs`` columns given to the decoder.
+    n_latent
+        Latent dimensions.
+    likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    max_epochs
+        Training epochs (``None``: scales with the number of cells).
+    seed
+        Seeds initialisation, training and the scores; same seed, same result on the CPU.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    key_added
+        Prefix of every key written.
+    layers
+        Also write the denoised expression (expected counts at each cell's depth).
+    progress_bar
+        Show the training progress bar.
+    model_kwargs, train_kwargs
+        Further arguments of :class:`OmicVAE` and :meth:`OmicVAE.train`.
+    copy
+        Work on and return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Keys written (with ``key_added="omicvae"``):
+
+    ``adata.obsm['X_omicvae']``
+        Posterior mean of the latent state, ``(n_cells, n_latent)``.
+    ``adata.obs['omicvae_log_likelihood']``
+        Importance-weighted estimate of log p(x) per cell (nats).
+    ``adata.obs['omicvae_rate']``
+        KL(q(z|x) || p(z)) per cell (nats).
+    ``adata.obs['omicvae_distortion']``
+        Expected -log p(x|z) under q(z|x) per cell (nats).
+    ``adata.layers['omicvae_denoised']``
+        Only with ``layers=True``.
+    ``adata.uns['omicvae']``
+        ``params``, ``setup`` and ``history`` (per-epoch ELBO, rate, distortion, KL weight, time).
+    """
+    setup = build_setup(adata, layer=layer, batch_key=batch_key,
+                        categorical_covariate_keys=categorical_covariate_keys)
+    model = OmicVAE._from_setup(adata, setup, device=device, n_latent=n_latent,
+                                likelihood=likelihood, seed=seed, **(model_kwargs or {}))
+    model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
+    target = adata.copy() if copy else adata
+    model.write_results(target, key_added=key_added, layers=layers, seed=seed)
+    return target if copy else None
