@@ -35,23 +35,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def epochs_run(history: object, requested: int) -> int:
-    """Epochs actually trained, read from the returned history; ``requested`` if it says none."""
-    for name in ("n_epochs", "epochs"):
-        value = getattr(history, name, None)
-        if isinstance(value, int):
-            return value
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    for name in ("train_loss", "loss_train", "elbo_train", "train_elbo", "loss"):
-        value = getattr(history, name, None)
-        if value is None and isinstance(history, dict):
-            value = history.get(name)
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    return requested
-
-
 def main() -> None:
     args = parse_args()
     import torch
@@ -81,7 +64,7 @@ def main() -> None:
         progress_bar=False,
     )
     train_seconds = time.perf_counter() - start
-    epochs = epochs_run(history, args.epochs)
+    epochs = len(history)  # History holds one entry per epoch run
 
     z_train = np.asarray(model.get_latent_representation(train))
     z_test = np.asarray(model.get_latent_representation(test))

@@ -25,11 +25,13 @@ Data folder: ``$OMICVAE_SC_DATA`` if set, else ``../shared/data`` (relative to t
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 
 # benchmarks/ is not a package: these resolve because Python puts the script's folder on sys.path.
@@ -93,6 +95,29 @@ def score(npz: Path, train_labels: np.ndarray, test_labels: np.ndarray, *, n_ini
     return figures
 
 
+def describe(
+    args: argparse.Namespace,
+    train: ad.AnnData,
+    test: ad.AnnData,
+    results: dict[str, list[dict]],
+    load_before: float,
+) -> str:
+    """Header line: data, settings, cells scored and how busy the machine was."""
+    first = next(iter(results.values()))[0]
+    # Other processes on the machine inflate seconds/epoch: record the 1-minute load average.
+    load = (
+        f"load avg {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
+    )
+    return (
+        f"pbmc3k: {train.n_obs} training / {test.n_obs} held-out cells, {train.n_vars} HVGs, "
+        f"{args.likelihood}, {args.epochs} epochs, batch 128, seed {args.seed}, "
+        f"{args.repeats} repeat(s) (mean), {args.threads} torch threads\n"
+        f"k-means k={first['test_k']} (held-out) / {first['train_k']} (train), "
+        f"n_init={args.n_init}; scored {first['test_n_cells']} held-out / "
+        f"{first['train_n_cells']} training annotated cells; {load}"
+    )
+
+
 def print_table(results: dict[str, list[dict]], header: str) -> None:
     tools = list(RUNNERS)
     means = {t: {k: np.mean([r[k] for r in results[t]]) for k, *_ in ROWS} for t in results}
@@ -115,6 +140,7 @@ def main() -> None:
     train_labels = train.obs["cell_type"].to_numpy()
     test_labels = test.obs["cell_type"].to_numpy()
     results: dict[str, list[dict]] = {t: [] for t in args.tools}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vs_scvi_") as tmp:
         workdir = Path(tmp)
         train.write_h5ad(workdir / "train.h5ad")
@@ -132,15 +158,7 @@ def main() -> None:
     if not results:
         print("\nno tool finished; nothing to compare")
         sys.exit(1)
-    first = next(iter(results.values()))[0]
-    header = (
-        f"pbmc3k: {train.n_obs} training / {test.n_obs} held-out cells, {train.n_vars} HVGs, "
-        f"{args.likelihood}, {args.epochs} epochs, batch 128, seed {args.seed}, "
-        f"{args.repeats} repeat(s) (mean), {args.threads} torch threads;\nk-means k="
-        f"{first['test_k']} (held-out) / {first['train_k']} (train), n_init={args.n_init}; scored "
-        f"{first['test_n_cells']} held-out / {first['train_n_cells']} training annotated cells"
-    )
-    print_table(results, header)
+    print_table(results, describe(args, train, test, results, load_before))
 
 
 if __name__ == "__main__":
