@@ -1,4 +1,5 @@
-"""omicvae_sc: a count VAE (NB / ZINB / Poisson) for single-cell RNA-seq that writes back into AnnData."""
+"""omicvae_sc: a count VAE (NB / ZINB / Poisson) for single-cell RNA-seq, written back into
+AnnData."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ larger data stays CSR on the device and each minibatch is densified there.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,9 +76,9 @@ class CountTensors:
             order = torch.randperm(self.n_cells, generator=generator).to(self.device)
         else:
             order = torch.arange(self.n_cells, device=self.device)
-        bounds = list(range(0, self.n_cells, batch_size)) + [self.n_cells]
+        bounds = [*list(range(0, self.n_cells, batch_size)), self.n_cells]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             del bounds[-2]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        for lo, hi in itertools.pairwise(bounds):
             idx = order[lo:hi]
             yield self.rows(idx), None if self.codes is None else self.codes[idx]

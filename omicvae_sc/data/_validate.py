@@ -73,7 +73,8 @@ def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
     Returns the per-cell library sizes (float64).
     """
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+    dtype = values.dtype
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         msg = f"{where} has dtype {values.dtype}; expected numeric raw counts."
         raise TypeError(msg)
     checks = [
@@ -89,7 +90,8 @@ def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
         for bad, what, todo in checks:
             if bad(values).any():
                 cell, gene, value = _where(adata, matrix, bad)
-                msg = f"{where} holds {what} (first {value:g} at cell {cell!r}, gene {gene!r}). {todo}"
+                msg = (f"{where} holds {what} (first {value:g} at cell {cell!r}, "
+                       f"gene {gene!r}). {todo}")
                 raise ValueError(msg)
     elif (values < 0).any():
         cell, gene, value = _where(adata, matrix, lambda v: v < 0)

@@ -1,4 +1,5 @@
-"""Every write into ``adata.obsm`` / ``obs`` / ``layers`` / ``uns`` happens here, after validation."""
+"""Every write into ``adata.obsm`` / ``obs`` / ``layers`` / ``uns`` happens here, after
+validation."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
     if results.denoised is not None and results.denoised.shape != adata.shape:
         bad.append("denoised")
     if bad:
-        msg = f"Results {bad} do not match adata's {n} cells x {adata.n_vars} genes; nothing written."
+        msg = (f"Results {bad} do not match adata's {n} cells x {adata.n_vars} genes; "
+               "nothing written.")
         raise ValueError(msg)
     if not isinstance(key_added, str) or not key_added:
         msg = f"key_added must be a non-empty string, got {key_added!r}."

@@ -1,4 +1,5 @@
-"""Argument checks and look-ups of the model class; each error says what was found and what to do."""
+"""Argument checks and look-ups of the model class; each error says what was found and what
+to do next."""
 
 from __future__ import annotations
 
@@ -48,11 +49,15 @@ def check_same_genes(expected: np.ndarray, found: pd.Index) -> None:
         )
         raise ValueError(msg)
 
-def validation_split(n: int, fraction: float, early_stopping: bool, seed: int) -> tuple[np.ndarray, ...]:
+
+def validation_split(
+    n: int, fraction: float, early_stopping: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) cell indices; the validation share drawn with ``seed``."""
     if not 0.0 <= fraction < 1.0:
         msg = f"validation_fraction must be in [0, 1), got {fraction}."
         raise ValueError(msg)
-    n_val = int(round(n * fraction))
+    n_val = round(n * fraction)
     if early_stopping and n_val == 0:
         msg = "early_stopping=True needs a validation split; set validation_fraction > 0."
         raise ValueError(msg)

@@ -147,7 +147,9 @@ class OmicVAE:
                             categorical_covariate_keys=categorical_covariate_keys)
         adata.uns[SETUP_KEY] = setup.to_dict()
 
-    def _host_data(self, adata: AnnData | None) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
+    def _host_data(
+        self, adata: AnnData | None
+    ) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
         """Validated counts and covariate codes of ``adata`` (default: the training AnnData)."""
         adata = self.adata if adata is None else adata
         check_anndata_object(adata)

@@ -6,11 +6,15 @@ so the decoder can explain batch effects without routing them through the latent
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 
-def one_hot_covariates(codes: torch.Tensor | None, n_categories: tuple[int, ...]) -> torch.Tensor | None:
+def one_hot_covariates(
+    codes: torch.Tensor | None, n_categories: tuple[int, ...]
+) -> torch.Tensor | None:
     """Concatenate one-hot encodings of several categorical covariates.
 
     Parameters
@@ -43,7 +47,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [n_in + n_cov] + [n_out] * n_layers
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+        for d_in, d_out in itertools.pairwise(dims):
             layers += [
                 nn.Linear(d_in, d_out),
                 # momentum/eps as in scvi-tools so comparisons are like for like

@@ -1,7 +1,8 @@
 """The count VAE: ``inference`` (q(z|x)), ``generative`` (p(x|z)) and ``loss`` (the negative ELBO).
 
-Pure torch. Counts ``x`` are ``(batch, genes)`` float tensors of non-negative integers; ``codes`` are
-``(batch, n_covariates)`` integer codes of the categorical covariates (batch first, when present).
+Pure torch. Counts ``x`` are ``(batch, genes)`` float tensors of non-negative integers; ``codes``
+are ``(batch, n_covariates)`` integer codes of the categorical covariates (batch first, when
+present).
 The prior is N(0, I); the cell's observed library size is the exposure offset of the decoder mean.
 """
 
@@ -125,7 +126,7 @@ class VAE(nn.Module):
         return torch.exp(self.log_theta)  # (1, genes)
 
     def expression_fractions(self, z: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        """Decoder expression fractions ``softmax(scale)``, ``(batch, genes)``, rows summing to 1."""
+        """Decoder expression fractions ``softmax(scale)``, ``(batch, genes)``; rows sum to 1."""
         cov = one_hot_covariates(codes, self.n_categories)
         return self.decoder(z, cov)[0]
 

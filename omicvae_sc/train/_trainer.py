@@ -70,7 +70,10 @@ def _epoch_sums(
     optimizer: torch.optim.Optimizer | None, step: int, total_steps: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, int, float]:
-    """One pass over ``data``; returns (sum of [distortion, rate] over cells, steps, last kl weight)."""
+    """One pass over ``data``.
+
+    Returns the sums of [distortion, rate] over cells, the step count and the last KL weight.
+    """
     module.train(train)
     sums = None
     kl_weight = kl_weight_at(step, total_steps, config)
@@ -135,7 +138,8 @@ def fit(
     if best[2] is not None:
         module.load_state_dict(best[2])
     module.eval()
-    best_epoch = first_epoch + best[1] if best[2] is not None else first_epoch + len(rows["epoch"]) - 1
+    last = len(rows["epoch"]) - 1
+    best_epoch = first_epoch + (best[1] if best[2] is not None else last)
     return History(**{k: tuple(v) for k, v in rows.items()}, stopped_early=stopped_early,
                    best_epoch=best_epoch)
 
