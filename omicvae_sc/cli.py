@@ -59,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit an h5ad file and write the results to a new h5ad",
                          description="Fit OmicVAE to the raw counts of IN.h5ad and write the "
                          "AnnData with the results added to OUT.h5ad; IN.h5ad is only read.")
-    fit.add_argument("input", type=Path, metavar="IN.h5ad")
-    fit.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.h5ad")
+    fit.add_argument("input", type=Path, metavar="IN.h5ad", help="AnnData with raw counts")
+    fit.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.h5ad",
+                     help="new h5ad: the input plus the results (must differ from IN.h5ad)")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column with the batch")
-    fit.add_argument("--n-latent", type=_positive_int, default=10, help="latent dimensions")
-    fit.add_argument("--likelihood", choices=("zinb", "nb", "poisson"), default="zinb")
+    fit.add_argument("--n-latent", type=_positive_int, default=10,
+                     help="latent dimensions (default 10)")
+    fit.add_argument("--likelihood", choices=("zinb", "nb", "poisson"), default="zinb",
+                     help="count likelihood (default zinb)")
     fit.add_argument("--denoised", action="store_true",
                      help="also write layers['omicvae_denoised'] (dense cells x genes)")
     fit.add_argument("--save-model", type=Path, default=None, metavar="DIR",
@@ -87,7 +90,8 @@ def _umap_figure(adata, path: Path) -> None:
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"wspace": 0.55})
+    # wide gap: the cell-type legend sits to the right of the first panel
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"wspace": 0.8})
     sc.pl.umap(adata, color="cell_type", ax=axes[0], show=False, frameon=False,
                title="cell type")
     sc.pl.umap(adata, color="omicvae_log_likelihood", ax=axes[1], show=False, frameon=False,
@@ -132,7 +136,7 @@ def _read_input(path: Path, output: Path):
         msg = f"input file {str(path)!r} does not exist"
         raise CliError(msg)
     if output.resolve() == path.resolve() or (output.exists() and output.samefile(path)):
-        msg = f"output {str(output)!r} is the input file; choose another -o (the input is only read)"
+        msg = f"output {str(output)!r} is the input file, which fit only reads; choose another -o"
         raise CliError(msg)
     try:
         return ad.read_h5ad(path)
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors: return, don't exit
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+        code = exit_.code
+        return 0 if code is None else code if isinstance(code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = {"demo": run_demo, "fit": run_fit}[args.command]
     try:

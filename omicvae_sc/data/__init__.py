@@ -9,7 +9,7 @@ from omicvae_sc.data._setup import (
     read_setup,
 )
 from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
-from omicvae_sc.data._writeback import Results, output_keys, write_results
+from omicvae_sc.data._writeback import Results, check_key_added, output_keys, write_results
 
 __all__ = [
     "SETUP_KEY",
@@ -19,6 +19,7 @@ __all__ = [
     "build_setup",
     "check_anndata_object",
     "check_counts",
+    "check_key_added",
     "covariate_codes",
     "get_counts",
     "output_keys",

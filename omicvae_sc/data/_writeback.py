@@ -33,6 +33,13 @@ def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
     return keys
 
 
+def check_key_added(key_added: str) -> None:
+    """``key_added`` must be a non-empty string (checked before any work is done)."""
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}."
+        raise ValueError(msg)
+
+
 def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[str, list[str]]:
     """Validate shapes, then write ``results`` into ``adata`` and log the keys added."""
     n = adata.n_obs
@@ -44,9 +51,7 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
         msg = (f"Results {bad} do not match adata's {n} cells x {adata.n_vars} genes; "
                "nothing written.")
         raise ValueError(msg)
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"key_added must be a non-empty string, got {key_added!r}."
-        raise ValueError(msg)
+    check_key_added(key_added)
     keys = output_keys(key_added, results)
     adata.obsm[keys["obsm"][0]] = np.asarray(results.latent, dtype=np.float32)
     for name, suffix in zip(keys["obs"], results.obs, strict=True):

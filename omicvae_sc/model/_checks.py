@@ -44,8 +44,8 @@ def check_same_genes(expected: np.ndarray, found: pd.Index) -> None:
         i = int(mismatch[0])
         msg = (
             f"adata's genes differ from the model's ({mismatch.size} positions; first at {i}: "
-            f"{found[i]!r} where the model has {expected[i]!r}). Reorder or subset adata with "
-            "`adata[:, model.var_names].copy()`."
+            f"{str(found[i])!r} where the model has {str(expected[i])!r}). Reorder or subset "
+            "adata with `adata[:, model.var_names].copy()`."
         )
         raise ValueError(msg)
 
@@ -59,7 +59,8 @@ def validation_split(
         raise ValueError(msg)
     n_val = round(n * fraction)
     if early_stopping and n_val == 0:
-        msg = "early_stopping=True needs a validation split; set validation_fraction > 0."
+        msg = (f"early_stopping=True needs a validation split, but validation_fraction={fraction} "
+               f"of {n} cells holds out none; raise validation_fraction.")
         raise ValueError(msg)
     if n - n_val < 2:
         msg = f"Training needs at least 2 cells outside the validation split; found {n - n_val}."

@@ -189,11 +189,18 @@ class OmicVAE:
         early_stopping
             Stop when the validation ELBO has not improved for ``patience`` epochs after warm-up,
             and keep the best weights.
+        patience
+            Epochs without improvement of the validation ELBO before early stopping.
         seed
             Seeds shuffling, dropout and sampling (default: the model's seed). Same seed, same
             result on the CPU.
         progress_bar
             Show a tqdm bar with the ELBO.
+
+        Returns
+        -------
+        The whole history of this model (earlier ``train`` calls included), also kept as
+        ``model.history``.
         """
         seed = self.hparams["seed"] if seed is None else seed
         n = self.adata.n_obs
@@ -226,7 +233,21 @@ class OmicVAE:
     def get_latent_representation(
         self, adata: AnnData | None = None, *, give_mean: bool = True, seed: int = 0,
     ) -> np.ndarray:
-        """Latent coordinates ``(n_cells, n_latent)``: the posterior mean, or one draw of q(z|x)."""
+        """Latent coordinates of each cell.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        give_mean
+            The posterior mean (default), or one draw from q(z|x).
+        seed
+            Seeds the draw when ``give_mean=False``.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32 array.
+        """
         data = self._tensors(adata)
         out = []
         with seeded(seed, self.device):
@@ -244,6 +265,8 @@ class OmicVAE:
 
         Parameters
         ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
         library_size
             Scale each cell to this total (default 1e4, as ``sc.pp.normalize_total``), or
             ``"observed"`` for the cell's own library size (denoised counts).
@@ -251,6 +274,10 @@ class OmicVAE:
             Genes to return (default all); only these columns are ever materialized.
         transform_batch
             Decode every cell as if it came from this batch category (counterfactual expression).
+
+        Returns
+        -------
+        ``(n_cells, len(gene_list))`` float32 array, computed in chunks of cells.
         """
         data = self._tensors(adata)
         cols = gene_columns(self.var_names, gene_list)
@@ -280,16 +307,44 @@ class OmicVAE:
     def get_marginal_ll(
         self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
     ) -> np.ndarray:
-        """Per-cell importance-weighted estimate of log p(x) in nats, ``(n_cells,)``.
+        """Per-cell importance-weighted estimate of the marginal log-likelihood log p(x).
 
-        ``n_samples`` draws from q(z|x) per cell, vectorized and computed in chunks of cells.
+        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, with the K
+        draws of each cell vectorized and cells processed in chunks.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_samples
+            K, importance samples per cell; the estimate tightens as K grows.
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array, nats (negative; higher is better).
         """
         return self._evaluate(adata, n_samples, seed).log_likelihood.numpy()
 
     def get_elbo(
         self, adata: AnnData | None = None, *, n_samples: int = 10, seed: int = 0
     ) -> np.ndarray:
-        """Per-cell evidence lower bound (nats; higher is better), ``(n_cells,)``."""
+        """Per-cell evidence lower bound, E_q[log p(x|z)] - KL(q(z|x) || p(z)).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_samples
+            Draws from q(z|x) averaged for the reconstruction term.
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array, nats (higher is better; -(rate + distortion)).
+        """
         ev = self._evaluate(adata, n_samples, seed)
         return -(ev.distortion + ev.rate).numpy()
 
@@ -297,7 +352,21 @@ class OmicVAE:
     def posterior_predictive_sample(
         self, adata: AnnData | None = None, *, gene_list: list[str] | None = None, seed: int = 0,
     ) -> sp.csr_matrix:
-        """One draw of counts from p(x | z), z ~ q(z|x), as CSR ``(n_cells, n_genes_selected)``."""
+        """One draw of counts from p(x | z) with z ~ q(z|x), at each cell's own library size.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        gene_list
+            Genes to return (default all).
+        seed
+            Seeds the draw; the same seed gives the same counts.
+
+        Returns
+        -------
+        ``(n_cells, n_genes_selected)`` CSR matrix of counts.
+        """
         data = self._tensors(adata)
         cols = torch.as_tensor(gene_columns(self.var_names, gene_list), device=self.device)
         parts = []
@@ -317,8 +386,20 @@ class OmicVAE:
         """Write latents, per-cell scores and parameters into ``adata`` (see the README table).
 
         Adds ``obsm['X_<key>']``, ``obs['<key>_log_likelihood' | '_rate' | '_distortion']``,
-        ``uns['<key>']`` and, with ``layers=True``, ``layers['<key>_denoised']`` (expected counts
-        at each cell's own depth). ``n_samples`` posterior draws estimate the per-cell scores.
+        ``uns['<key>']`` and, with ``layers=True``, ``layers['<key>_denoised']``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        key_added
+            Prefix of every key written.
+        layers
+            Also write the denoised expression (expected counts at each cell's own depth).
+        n_samples
+            Posterior draws per cell for the log-likelihood, rate and distortion.
+        seed
+            Seeds the draws.
         """
         adata = self.adata if adata is None else adata
         ev = self._evaluate(adata, n_samples, seed)
@@ -335,12 +416,34 @@ class OmicVAE:
         write_results(adata, results, key_added=key_added)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Save weights (``model.pt``) and JSON metadata into the folder ``path``, atomically."""
+        """Save weights (``model.pt``) and JSON metadata into the folder ``path``, atomically.
+
+        Parameters
+        ----------
+        path
+            Folder to create.
+        overwrite
+            Replace an existing folder (the old model stays intact until the new one is complete).
+        """
         _io.save_model(self, Path(path), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, adata: AnnData, *, device: str = "auto") -> OmicVAE:
-        """Load a saved model for ``adata`` (same genes, in the same order). Never unpickles."""
+        """Load a model saved with :meth:`save`. Tensors only: nothing is unpickled.
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`; its format, version and checksum are checked.
+        adata
+            AnnData with the model's genes, in the same order, and its covariate columns.
+        device
+            ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+
+        Returns
+        -------
+        The model, with its training history.
+        """
         meta, state = _io.read_model(Path(path))
         model = cls._from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
                                 **meta["hparams"])

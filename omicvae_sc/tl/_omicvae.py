@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from anndata import AnnData
 
-from omicvae_sc.data import build_setup
+from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.model import OmicVAE
 
 
@@ -66,6 +66,15 @@ def omicvae(
     ``adata.uns['omicvae']``
         ``params``, ``setup`` and ``history`` (per-epoch ELBO, rate, distortion, KL weight, time).
     """
+    check_key_added(key_added)
+    given = {"model_kwargs": (model_kwargs, {"n_latent", "likelihood", "seed", "device"}),
+             "train_kwargs": (train_kwargs, {"max_epochs", "seed", "progress_bar"})}
+    for name, (kwargs, own) in given.items():
+        clash = sorted(own & set(kwargs or {}))
+        if clash:
+            msg = (f"{name} repeats {clash}, which tl.omicvae takes directly; pass them as "
+                   "arguments instead.")
+            raise ValueError(msg)
     setup = build_setup(adata, layer=layer, batch_key=batch_key,
                         categorical_covariate_keys=categorical_covariate_keys)
     model = OmicVAE._from_setup(adata, setup, device=device, n_latent=n_latent,

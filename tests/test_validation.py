@@ -1,0 +1,490 @@
+"""Bad input is rejected with a message that says what was found, and a failed call leaves the
+AnnData exactly as it was (same fingerprint before and after)."""
+
+from __future__ import annotations
+
+import functools
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+import omicvae_sc as ov
+from omicvae_sc import OmicVAE
+
+
+# ---------------------------------------------------------------------------- entry points
+def _setup(adata, **kwargs):
+    return OmicVAE.setup_anndata(adata, **kwargs)
+
+
+def _tl(adata, **kwargs):
+    return ov.tl.omicvae(adata, max_epochs=2, progress_bar=False, device="cpu", **kwargs)
+
+
+ENTRY_POINTS = pytest.mark.parametrize("entry", [_setup, _tl], ids=["setup_anndata", "tl"])
+
+FORMATS = {
+    "dense": np.asarray,
+    "csr": sp.csr_matrix,
+    "csc": sp.csc_matrix,
+}
+
+
+def _with_x(adata: AnnData, dense: np.ndarray, fmt: str) -> AnnData:
+    adata.X = FORMATS[fmt](dense)
+    return adata
+
+
+def _dense(adata: AnnData, dtype=np.float32) -> np.ndarray:
+    return adata.layers["counts"].toarray().astype(dtype)
+
+
+def _assert_rejected(entry, adata, fingerprint, exc, match, **kwargs):
+    before = fingerprint(adata)
+    with pytest.raises(exc, match=match):
+        entry(adata, **kwargs)
+    assert fingerprint(adata) == before
+
+
+# ---------------------------------------------------------------------------- the fingerprint
+def _rename_batches(adata):
+    adata.obs["batch"] = adata.obs["batch"].cat.rename_categories(["b0", "b1"])
+
+
+FINGERPRINT_EDITS = {
+    "X": lambda a: a.X.data.__setitem__(0, a.X.data[0] + 1),
+    "layer": lambda a: a.layers["counts"].data.__setitem__(0, 99),
+    "new layer": lambda a: a.layers.__setitem__("extra", a.X.copy()),
+    "X format": lambda a: setattr(a, "X", a.X.tocsc()),
+    "obs": lambda a: a.obs.__setitem__("new", 1.0),
+    "obs category": _rename_batches,
+    "obs_names": lambda a: setattr(a, "obs_names", [f"c{i}" for i in range(a.n_obs)]),
+    "var": lambda a: a.var.__setitem__("new", 1.0),
+    "obsm": lambda a: a.obsm.__setitem__("X_new", np.zeros((a.n_obs, 2))),
+    "uns": lambda a: a.uns.__setitem__("new", {"x": [1, 2]}),
+    "uns nested": lambda a: a.uns["provenance"].__setitem__("seed", 1),
+}
+
+
+@pytest.mark.parametrize("edit", FINGERPRINT_EDITS.values(), ids=FINGERPRINT_EDITS.keys())
+def test_fingerprint_sees_every_change(edit, synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    assert adata_fingerprint(synthetic.copy()) == before
+    edit(synthetic)
+    assert adata_fingerprint(synthetic) != before
+
+
+# ---------------------------------------------------------------------------- counts
+@ENTRY_POINTS
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_log_normalized_x_is_rejected(entry, fmt, synthetic, adata_fingerprint):
+    adata = _with_x(synthetic, np.log1p(_dense(synthetic)), fmt)
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     r"adata\.X holds non-integer values \(first [0-9.]+ at cell 'cell0'")
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_non_integer_value_is_located(entry, fmt, synthetic, adata_fingerprint):
+    dense = _dense(synthetic)
+    dense[5, 7] = 0.5
+    dense[8, 1] = 0.25  # first in column order: the report must still follow row order
+    adata = _with_x(synthetic, dense, fmt)
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     r"adata\.X holds non-integer values \(first 0\.5 at cell 'cell5', "
+                     r"gene 'gene7'\)\. The NB/ZINB likelihood needs raw counts")
+
+
+@ENTRY_POINTS
+def test_non_integer_layer_is_named(entry, synthetic, adata_fingerprint):
+    synthetic.layers["counts"] = synthetic.layers["counts"] * 0.5
+    _assert_rejected(entry, synthetic, adata_fingerprint, ValueError,
+                     r"adata\.layers\['counts'\] holds non-integer values", layer="counts")
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_negative_values_are_rejected(entry, fmt, dtype, synthetic, adata_fingerprint):
+    dense = _dense(synthetic, dtype)
+    dense[5, 7] = -1
+    dense[8, 1] = -2
+    adata = _with_x(synthetic, dense, fmt)
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     r"adata\.X holds negative values \(first -1 at cell 'cell5', gene 'gene7'\)")
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize(("bad", "shown"), [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")])
+def test_non_finite_values_are_rejected(entry, fmt, bad, shown, synthetic, adata_fingerprint):
+    dense = _dense(synthetic)
+    dense[5, 7] = bad
+    adata = _with_x(synthetic, dense, fmt)
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     rf"adata\.X holds NaN or infinite values \(first {shown} at cell 'cell5', "
+                     r"gene 'gene7'\)")
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cell_with_zero_counts_is_rejected(entry, fmt, synthetic, adata_fingerprint):
+    dense = _dense(synthetic)
+    dense[3] = 0
+    adata = _with_x(synthetic, dense, fmt)
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     r"1 cell\(s\) in adata\.X have zero total counts \(first: 'cell3'\)")
+
+
+def test_raw_counts_in_a_layer_are_accepted_when_x_is_normalized(synthetic):
+    synthetic.X = sp.csr_matrix(np.log1p(_dense(synthetic)))
+    OmicVAE.setup_anndata(synthetic, layer="counts", batch_key="batch")
+    assert synthetic.uns["omicvae_setup"]["layer"] == "counts"
+
+
+@ENTRY_POINTS
+def test_missing_x_is_rejected(entry, synthetic, adata_fingerprint):
+    adata = AnnData(obs=synthetic.obs.copy(), var=synthetic.var.copy())
+    _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                     r"adata\.X is empty; pass layer= naming the layer that holds the raw counts")
+
+
+@ENTRY_POINTS
+def test_non_numeric_dtype_is_rejected(entry, synthetic, adata_fingerprint):
+    synthetic.X = _dense(synthetic) > 0
+    _assert_rejected(entry, synthetic, adata_fingerprint, TypeError,
+                     r"adata\.X has dtype bool; expected numeric raw counts")
+
+
+def test_pbmc_counts_pass_and_its_log_normalized_form_fails(pbmc, adata_fingerprint):
+    OmicVAE.setup_anndata(pbmc, layer="counts", batch_key="cell_type")
+    assert pbmc.uns["omicvae_setup"]["categories"]["cell_type"] == sorted(
+        pbmc.obs["cell_type"].cat.categories)
+    logged = pbmc.copy()
+    logged.X = logged.X.copy()
+    logged.X.data = np.log1p(logged.X.data)
+    _assert_rejected(_setup, logged, adata_fingerprint, ValueError,
+                     r"adata\.X holds non-integer values")
+
+
+@pytest.mark.slow
+def test_real_count_files_pass_validation(shared_data_dir):
+    path = shared_data_dir / "cellbench_3celllines_celseq2_dropseq.h5ad"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not in {shared_data_dir}")
+    adata = ad.read_h5ad(path)
+    OmicVAE.setup_anndata(adata, batch_key="batch")
+    assert len(adata.uns["omicvae_setup"]["categories"]["batch"]) == 2
+
+
+# ---------------------------------------------------------------------------- layers, obs
+@ENTRY_POINTS
+def test_missing_layer_is_rejected(entry, synthetic, adata_fingerprint):
+    _assert_rejected(entry, synthetic, adata_fingerprint, KeyError,
+                     r"adata\.layers has no layer 'spliced'; available layers: \['counts'\]",
+                     layer="spliced")
+
+
+@ENTRY_POINTS
+def test_missing_batch_column_is_rejected(entry, synthetic, adata_fingerprint):
+    _assert_rejected(entry, synthetic, adata_fingerprint, KeyError,
+                     r"adata\.obs has no column 'donor' \(passed as batch_key\)",
+                     batch_key="donor")
+
+
+@ENTRY_POINTS
+def test_missing_covariate_column_is_rejected(entry, synthetic, adata_fingerprint):
+    _assert_rejected(entry, synthetic, adata_fingerprint, KeyError,
+                     r"adata\.obs has no column 'donor' \(passed as categorical_covariate_keys\)",
+                     categorical_covariate_keys=["donor"])
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "object"])
+def test_batch_with_nan_is_rejected(entry, categorical, synthetic, adata_fingerprint):
+    batch = synthetic.obs["batch"].astype(object)
+    batch.iloc[4] = np.nan
+    synthetic.obs["batch"] = batch.astype("category") if categorical else batch
+    _assert_rejected(entry, synthetic, adata_fingerprint, ValueError,
+                     r"adata\.obs\['batch'\] \(passed as batch_key\) has missing values "
+                     r"\(first at cell 'cell4'\)", batch_key="batch")
+
+
+@ENTRY_POINTS
+def test_repeated_covariate_key_is_rejected(entry, synthetic, adata_fingerprint):
+    _assert_rejected(entry, synthetic, adata_fingerprint, ValueError,
+                     r"Covariate keys must be distinct", batch_key="batch",
+                     categorical_covariate_keys=["batch"])
+
+
+# ---------------------------------------------------------------------------- the object
+@ENTRY_POINTS
+def test_view_is_rejected(entry, synthetic, adata_fingerprint):
+    parent_before = adata_fingerprint(synthetic)
+    view = synthetic[:10]
+    _assert_rejected(entry, view, adata_fingerprint, ValueError,
+                     r"adata is a view of another AnnData.*adata = adata\.copy\(\)")
+    assert adata_fingerprint(synthetic) == parent_before
+
+
+@ENTRY_POINTS
+def test_empty_anndata_is_rejected(entry, synthetic, adata_fingerprint):
+    empty = synthetic[:0].copy()
+    _assert_rejected(entry, empty, adata_fingerprint, ValueError,
+                     r"adata is empty \(0 cells x 60 genes\)")
+
+
+@ENTRY_POINTS
+def test_duplicated_gene_names_are_rejected(entry, synthetic, adata_fingerprint):
+    names = synthetic.var_names.tolist()
+    names[1] = names[0]
+    synthetic.var_names = names
+    _assert_rejected(entry, synthetic, adata_fingerprint, ValueError,
+                     r"duplicated gene names \(e\.g\. \['gene0'\]\).*var_names_make_unique")
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize("obj", [np.ones((5, 3)), sp.csr_matrix(np.ones((5, 3))), None],
+                         ids=["ndarray", "csr_matrix", "None"])
+def test_not_an_anndata_is_rejected(entry, obj):
+    kind = type(obj).__name__
+    with pytest.raises(TypeError, match=rf"Expected an AnnData object, found {kind}"):
+        entry(obj)
+
+
+# ---------------------------------------------------------------------------- hyperparameters
+BAD_HYPERPARAMETERS = [
+    ({"likelihood": "gaussian"},
+     r"likelihood='gaussian' is not one of \['nb', 'zinb', 'poisson'\]"),
+    ({"dispersion": "gene-cell"}, r"dispersion='gene-cell' is not one of"),
+    ({"dispersion": "gene-batch"}, r"dispersion='gene-batch' needs a batch; run setup_anndata"),
+    ({"n_latent": 0}, r"n_latent must be a positive integer, got 0"),
+    ({"n_hidden": 2.5}, r"n_hidden must be a positive integer, got 2\.5"),
+    ({"n_layers": -1}, r"n_layers must be a positive integer, got -1"),
+    ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1\.0"),
+    ({"dropout_rate": -0.1}, r"dropout_rate must be in \[0, 1\), got -0\.1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_via_model(kwargs, match, synthetic, adata_fingerprint):
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=match):
+        OmicVAE(synthetic, device="cpu", **kwargs)
+    assert adata_fingerprint(synthetic) == before
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_via_tl(kwargs, match, synthetic, adata_fingerprint):
+    # tl.omicvae takes n_latent and likelihood itself, the rest through model_kwargs
+    direct = {k: v for k, v in kwargs.items() if k in ("n_latent", "likelihood")}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in direct}
+    _assert_rejected(_tl, synthetic, adata_fingerprint, ValueError, match, layer="counts",
+                     model_kwargs=model_kwargs, **direct)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\), got 1\.0"),
+        ({"validation_fraction": -0.2}, r"validation_fraction must be in \[0, 1\), got -0\.2"),
+        ({"validation_fraction": 0.0, "early_stopping": True},
+         r"early_stopping=True needs a validation split.*raise validation_fraction"),
+    ],
+)
+def test_bad_training_arguments(kwargs, match, synthetic, adata_fingerprint):
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    model = OmicVAE(synthetic, device="cpu")
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=match):
+        model.train(2, progress_bar=False, **kwargs)
+    assert adata_fingerprint(synthetic) == before
+    assert len(model.history) == 0
+    assert not model.is_trained
+    with pytest.raises(ValueError, match=match):
+        _tl(synthetic, layer="counts", train_kwargs=kwargs)
+    assert adata_fingerprint(synthetic) == before
+
+
+def test_model_on_anndata_never_set_up(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(KeyError, match=r"adata\.uns has no 'omicvae_setup': this AnnData was not "
+                                        r"set up\. Run `OmicVAE\.setup_anndata"):
+        OmicVAE(synthetic, device="cpu")
+    assert adata_fingerprint(synthetic) == before
+
+
+def test_model_on_a_view_is_rejected(synthetic):
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    with pytest.raises(ValueError, match=r"adata is a view of another AnnData"):
+        OmicVAE(synthetic[:50], device="cpu")
+
+
+# ---------------------------------------------------------------------------- a trained model
+@functools.cache
+def _trained_model() -> OmicVAE:
+    """Trained 3 epochs on float CSR counts in layers['counts'], with a batch. Read-only."""
+    adata = ov.datasets.synthetic_counts(n_cells=300, n_genes=60, n_groups=3, n_batches=2, seed=0)
+    OmicVAE.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = OmicVAE(adata, n_latent=4, seed=0, device="cpu")
+    model.train(3, progress_bar=False)
+    return model
+
+
+@pytest.fixture
+def trained() -> OmicVAE:
+    return _trained_model()
+
+
+def _assert_all_getters_reject(model, adata, fingerprint, exc, match):
+    before = fingerprint(adata)
+    calls = [
+        lambda: model.get_latent_representation(adata),
+        lambda: model.get_normalized_expression(adata),
+        lambda: model.get_marginal_ll(adata, n_samples=2),
+        lambda: model.posterior_predictive_sample(adata),
+        lambda: model.write_results(adata, n_samples=2),
+    ]
+    for call in calls:
+        with pytest.raises(exc, match=match):
+            call()
+        assert fingerprint(adata) == before
+
+
+def test_trained_model_rejects_missing_gene(trained, synthetic, adata_fingerprint):
+    adata = synthetic[:, 1:].copy()
+    _assert_all_getters_reject(trained, adata, adata_fingerprint, ValueError,
+                               r"adata has 59 genes but the model was trained on 60\. Subset "
+                               r"adata to the model's genes")
+
+
+def test_trained_model_rejects_reordered_genes(trained, synthetic, adata_fingerprint):
+    order = list(synthetic.var_names)
+    order[3], order[4] = order[4], order[3]
+    adata = synthetic[:, order].copy()
+    _assert_all_getters_reject(trained, adata, adata_fingerprint, ValueError,
+                               r"adata's genes differ from the model's \(2 positions; first at 3: "
+                               r".*Reorder or subset adata")
+
+
+def test_reordered_genes_message_names_genes_plainly(trained, synthetic):
+    order = list(synthetic.var_names)
+    order[3], order[4] = order[4], order[3]
+    with pytest.raises(ValueError, match=r"first at 3: 'gene4' where the model has 'gene3'\)"):
+        trained.get_latent_representation(synthetic[:, order].copy())
+
+
+def test_trained_model_rejects_unseen_batch(trained, synthetic, adata_fingerprint):
+    batch = synthetic.obs["batch"].astype(str)
+    batch.iloc[:10] = "batch9"
+    synthetic.obs["batch"] = batch.astype("category")
+    _assert_all_getters_reject(trained, synthetic, adata_fingerprint, ValueError,
+                               r"adata\.obs\['batch'\] holds categories the model was not trained "
+                               r"on: \['batch9'\]; known categories: \['batch0', 'batch1'\]")
+
+
+def test_trained_model_rejects_missing_batch_column(trained, synthetic, adata_fingerprint):
+    del synthetic.obs["batch"]
+    _assert_all_getters_reject(trained, synthetic, adata_fingerprint, KeyError,
+                               r"adata\.obs has no column 'batch'")
+
+
+def test_trained_model_rejects_bad_counts_in_new_data(trained, synthetic, adata_fingerprint):
+    synthetic.layers["counts"] = sp.csr_matrix(np.log1p(_dense(synthetic)))
+    _assert_all_getters_reject(trained, synthetic, adata_fingerprint, ValueError,
+                               r"adata\.layers\['counts'\] holds non-integer values")
+
+
+def test_unknown_transform_batch_is_rejected(trained):
+    with pytest.raises(ValueError, match=r"transform_batch='batch7' is not a known batch; known: "
+                                         r"\['batch0', 'batch1'\]"):
+        trained.get_normalized_expression(transform_batch="batch7")
+
+
+def test_unknown_gene_in_gene_list_is_rejected(trained):
+    match = r"gene_list names genes the model does not have: \['NOPE'\]"
+    with pytest.raises(KeyError, match=match):
+        trained.get_normalized_expression(gene_list=["gene1", "NOPE"])
+    with pytest.raises(KeyError, match=match):
+        trained.posterior_predictive_sample(gene_list=["NOPE"])
+
+
+def test_transform_batch_without_batch_is_rejected(synthetic):
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    model = OmicVAE(synthetic, n_latent=2, device="cpu")
+    with pytest.raises(ValueError, match=r"transform_batch needs a model set up with batch_key="):
+        model.get_normalized_expression(transform_batch="batch0")
+
+
+# ---------------------------------------------------------------------------- files
+def test_load_of_a_folder_that_is_not_a_model(tmp_path, synthetic):
+    (tmp_path / "notes.txt").write_text("not a model")
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(FileNotFoundError, match=r"is not an omicvae_sc model folder \("
+                                                    r"expected metadata\.json and model\.pt\)"):
+            OmicVAE.load(path, synthetic, device="cpu")
+
+
+def test_load_of_altered_weights_is_rejected(tmp_path, trained, synthetic):
+    path = tmp_path / "model"
+    trained.save(path)
+    weights = path / "model.pt"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"model\.pt does not match the checksum in "
+                                         r"metadata\.json: truncated or altered"):
+        OmicVAE.load(path, synthetic, device="cpu")
+
+
+def test_load_onto_different_genes_is_rejected(tmp_path, trained, synthetic, adata_fingerprint):
+    path = tmp_path / "model"
+    trained.save(path)
+    adata = synthetic[:, ::-1].copy()
+    before = adata_fingerprint(adata)
+    with pytest.raises(ValueError, match=r"adata's genes differ from the model's"):
+        OmicVAE.load(path, adata, device="cpu")
+    assert adata_fingerprint(adata) == before
+
+
+def test_save_onto_existing_path_needs_overwrite(tmp_path, trained):
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"model already exists; pass overwrite=True"):
+        trained.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+    trained.save(path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.pt"]
+
+
+# ---------------------------------------------------------------------------- formats agree
+FORMAT_CASES = [(fmt, dtype) for fmt in FORMATS for dtype in (np.int64, np.float32, np.float64)]
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), FORMAT_CASES,
+                         ids=[f"{f}-{np.dtype(d).name}" for f, d in FORMAT_CASES])
+def test_formats_and_dtypes_agree(fmt, dtype, trained, synthetic):
+    reference = synthetic.copy()
+    OmicVAE.setup_anndata(reference, layer="counts", batch_key="batch")
+    expected_latent = trained.get_latent_representation(reference)
+
+    counts = FORMATS[fmt](_dense(synthetic, dtype))
+    adata = synthetic.copy()
+    adata.X = counts
+    adata.layers["counts"] = counts.copy()
+    for layer in ("counts", None):
+        OmicVAE.setup_anndata(adata, layer=layer, batch_key="batch")
+        OmicVAE.setup_anndata(reference, layer=layer, batch_key="batch")
+        assert adata.uns["omicvae_setup"] == reference.uns["omicvae_setup"]
+    OmicVAE.setup_anndata(adata, layer="counts", batch_key="batch")
+    latent = trained.get_latent_representation(adata)
+    np.testing.assert_array_equal(latent, expected_latent)
+    assert latent.shape == (300, 4)
+    np.testing.assert_array_equal(trained.get_normalized_expression(adata, gene_list=["gene2"]),
+                                  trained.get_normalized_expression(reference, gene_list=["gene2"]))

@@ -1,0 +1,192 @@
+"""``tl.omicvae`` writes exactly the documented keys, renames them with ``key_added``, leaves the
+input alone with ``copy=True``, writes sensible scores, round-trips through h5ad and logs what
+it added."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+from anndata import AnnData
+
+import omicvae_sc as ov
+from omicvae_sc.data import AnnDataSetup
+from omicvae_sc.train import History
+
+EPOCHS = 3
+ATTRS = ("obsm", "obs", "layers", "uns")
+
+
+def _fit(adata: AnnData, **kwargs) -> AnnData | None:
+    kwargs = {"layer": "counts", "batch_key": "batch", "n_latent": 4, "max_epochs": EPOCHS,
+              "progress_bar": False, "device": "cpu", "seed": 0, **kwargs}
+    return ov.tl.omicvae(adata, **kwargs)
+
+
+def _keys(adata: AnnData) -> dict[str, set[str]]:
+    return {attr: set(getattr(adata, attr).keys()) for attr in ATTRS}
+
+
+def _expected(key: str, layers: bool) -> dict[str, set[str]]:
+    return {
+        "obsm": {f"X_{key}"},
+        "obs": {f"{key}_log_likelihood", f"{key}_rate", f"{key}_distortion"},
+        "layers": {f"{key}_denoised"} if layers else set(),
+        "uns": {key},
+    }
+
+
+@functools.cache
+def _fitted(layers: bool = False, key_added: str = "omicvae") -> AnnData:
+    adata = ov.datasets.synthetic_counts(n_cells=300, n_genes=60, n_groups=3, n_batches=2, seed=0)
+    assert _fit(adata, layers=layers, key_added=key_added) is None
+    return adata
+
+
+def fitted(**kwargs) -> AnnData:
+    """A copy of the cached result of one short fit."""
+    return _fitted(**kwargs).copy()
+
+
+# ---------------------------------------------------------------------------- keys
+@pytest.mark.parametrize("layers", [False, True], ids=["layers=False", "layers=True"])
+def test_writes_exactly_the_documented_keys(layers, synthetic, adata_fingerprint):
+    before_keys, before = _keys(synthetic), adata_fingerprint(synthetic)
+    adata = fitted(layers=layers)
+    after = _keys(adata)
+    added = {attr: after[attr] - before_keys[attr] for attr in ATTRS}
+    assert added == _expected("omicvae", layers)
+    assert all(before_keys[attr] <= after[attr] for attr in ATTRS)
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history"}
+
+    for attr, keys in added.items():  # take them away again: nothing else was touched
+        for key in keys:
+            del getattr(adata, attr)[key]
+    assert adata_fingerprint(adata) == before
+
+
+def test_documented_keys_are_the_written_keys():
+    returns = ov.tl.omicvae.__doc__.split("Returns")[1]
+    for attr, keys in _expected("omicvae", layers=True).items():
+        for key in keys:
+            assert f"adata.{attr}['{key}']" in returns
+
+
+@pytest.mark.parametrize("layers", [False, True], ids=["layers=False", "layers=True"])
+def test_key_added_renames_every_key(layers, synthetic):
+    before_keys = _keys(synthetic)
+    adata = fitted(layers=layers, key_added="foo")
+    added = {attr: _keys(adata)[attr] - before_keys[attr] for attr in ATTRS}
+    assert added == _expected("foo", layers)
+    assert not any("omicvae" in key for keys in added.values() for key in keys)
+
+
+def test_copy_returns_a_new_anndata_and_leaves_the_input_alone(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    out = _fit(synthetic, copy=True)
+    assert isinstance(out, AnnData)
+    assert out is not synthetic
+    assert adata_fingerprint(synthetic) == before
+    assert _keys(out) == {attr: _keys(synthetic)[attr] | _expected("omicvae", False)[attr]
+                          for attr in ATTRS}
+    # same seed, same numbers: the copy holds what an in-place call writes (CPU)
+    in_place = fitted()
+    np.testing.assert_array_equal(out.obsm["X_omicvae"], in_place.obsm["X_omicvae"])
+    np.testing.assert_array_equal(out.obs["omicvae_log_likelihood"],
+                                  in_place.obs["omicvae_log_likelihood"])
+
+
+def test_bad_key_added_writes_nothing(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=r"key_added must be a non-empty string, got ''"):
+        _fit(synthetic, max_epochs=1, key_added="")
+    assert adata_fingerprint(synthetic) == before
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"model_kwargs": {"n_latent": 4}}, r"model_kwargs repeats \['n_latent'\]"),
+    ({"train_kwargs": {"seed": 1, "max_epochs": 2}},
+     r"train_kwargs repeats \['max_epochs', 'seed'\], which tl\.omicvae takes directly"),
+])
+def test_repeated_arguments_are_rejected_before_fitting(kwargs, match, synthetic,
+                                                        adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=match):
+        ov.tl.omicvae(synthetic, layer="counts", progress_bar=False, **kwargs)
+    assert adata_fingerprint(synthetic) == before
+
+
+# ---------------------------------------------------------------------------- values
+def test_written_values_have_the_documented_shapes():
+    adata = fitted(layers=True)
+    latent = adata.obsm["X_omicvae"]
+    assert latent.shape == (adata.n_obs, 4)
+    assert np.isfinite(latent).all()
+    for suffix in ("log_likelihood", "rate", "distortion"):
+        assert np.isfinite(adata.obs[f"omicvae_{suffix}"]).all()
+    assert (adata.obs["omicvae_rate"] >= 0).all()  # a KL divergence
+    assert (adata.obs["omicvae_distortion"] >= 0).all()  # -log of a probability mass
+    denoised = adata.layers["omicvae_denoised"]
+    assert denoised.shape == adata.shape
+    assert (denoised >= 0).all()
+    library = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
+    np.testing.assert_allclose(denoised.sum(axis=1), library, rtol=1e-4)  # each cell's own depth
+
+
+def test_importance_weighted_bound_is_above_the_elbo():
+    adata = fitted()
+    log_lik = adata.obs["omicvae_log_likelihood"].to_numpy()
+    elbo = -(adata.obs["omicvae_distortion"] + adata.obs["omicvae_rate"]).to_numpy()
+    # IWAE >= ELBO holds in expectation (Jensen); the written ELBO uses the analytic KL, so
+    # compare means with a small tolerance for Monte Carlo noise
+    assert log_lik.mean() >= elbo.mean() - 0.1
+    assert log_lik.mean() > -1e4  # finite and in a plausible range for 60 genes
+
+
+def test_params_record_the_call():
+    params = fitted().uns["omicvae"]["params"]
+    assert params["n_latent"] == 4
+    assert params["likelihood"] == "zinb"
+    assert params["seed"] == 0
+    assert params["device"] == "cpu"
+    assert params["n_samples"] > 0
+
+
+# ---------------------------------------------------------------------------- h5ad
+@pytest.mark.parametrize("batch_key", ["batch", None], ids=["batch", "no batch"])
+def test_round_trips_through_h5ad(batch_key, tmp_path, synthetic):
+    _fit(synthetic, batch_key=batch_key, layers=True)
+    path = tmp_path / "fitted.h5ad"
+    synthetic.write_h5ad(path)
+    back = ad.read_h5ad(path)
+
+    np.testing.assert_array_equal(back.obsm["X_omicvae"], synthetic.obsm["X_omicvae"])
+    np.testing.assert_array_equal(back.layers["omicvae_denoised"],
+                                  synthetic.layers["omicvae_denoised"])
+    for suffix in ("log_likelihood", "rate", "distortion"):
+        np.testing.assert_array_equal(back.obs[f"omicvae_{suffix}"],
+                                      synthetic.obs[f"omicvae_{suffix}"])
+    uns, written = back.uns["omicvae"], synthetic.uns["omicvae"]
+    assert uns["params"] == written["params"]
+    assert AnnDataSetup.from_dict(uns["setup"]) == AnnDataSetup.from_dict(written["setup"])
+    assert AnnDataSetup.from_dict(uns["setup"]).batch_key == batch_key
+
+    history = History.from_dict(uns["history"])
+    assert len(history) == EPOCHS
+    assert history.epoch == tuple(range(EPOCHS))
+    assert len(history.train_elbo) == len(history.kl_weight) == EPOCHS
+    assert history == History.from_dict(written["history"])
+
+
+# ---------------------------------------------------------------------------- logging
+def test_logs_the_keys_added(caplog, synthetic):
+    with caplog.at_level(logging.INFO, logger="omicvae_sc"):
+        _fit(synthetic, max_epochs=2, key_added="bar", layers=True)
+    messages = [r.getMessage() for r in caplog.records if r.name == "omicvae_sc"]
+    assert len(messages) == 1
+    for attr, keys in _expected("bar", layers=True).items():
+        for key in keys:
+            assert f"{attr}[{key!r}]" in messages[0]
