@@ -166,7 +166,7 @@ class OmicVAE:
     def train(
         self, max_epochs: int | None = None, *, batch_size: int = 128, lr: float = 1e-3,
         beta: float = 1.0, warmup_fraction: float = 0.25, validation_fraction: float = 0.1,
-        early_stopping: bool = False, patience: int = 25, seed: int | None = None,
+        early_stopping: bool | None = None, patience: int = 25, seed: int | None = None,
         progress_bar: bool = True,
     ) -> History:
         """Fit by maximizing the ELBO with Adam; returns (and keeps) the per-epoch history.
@@ -188,7 +188,9 @@ class OmicVAE:
             Share of cells held out to record validation ELBO (and for early stopping); 0 for none.
         early_stopping
             Stop when the validation ELBO has not improved for ``patience`` epochs after warm-up,
-            and keep the best weights.
+            and keep the best weights. ``None`` (default): on whenever there is a validation
+            split. Small data overfits long before the default epoch count (on the embedded
+            700 PBMCs the validation ELBO peaks near epoch 150 of 400).
         patience
             Epochs without improvement of the validation ELBO before early stopping.
         seed
@@ -205,11 +207,12 @@ class OmicVAE:
         seed = self.hparams["seed"] if seed is None else seed
         n = self.adata.n_obs
         max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
+        train_idx, val_idx = validation_split(n, validation_fraction, bool(early_stopping), seed)
+        early_stopping = len(val_idx) > 0 if early_stopping is None else early_stopping
         config = TrainConfig(max_epochs=max_epochs, batch_size=batch_size, lr=lr, beta=beta,
                              warmup_fraction=warmup_fraction, early_stopping=early_stopping,
                              patience=patience, progress_bar=progress_bar)
         counts, codes = self._host_data(None)
-        train_idx, val_idx = validation_split(n, validation_fraction, early_stopping, seed)
         train_data, val_data = (
             CountTensors(counts[idx], None if codes is None else codes[idx], self.device)
             if len(idx) else None
