@@ -183,3 +183,12 @@ def test_posterior_predictive_sample_matches_observed_depth():
     np.testing.assert_array_equal(draw.toarray(),
                                   model.posterior_predictive_sample(seed=0).toarray())
     assert not np.array_equal(draw.toarray(), model.posterior_predictive_sample(seed=1).toarray())
+
+
+def test_batch_size_below_two_is_rejected():
+    adata = synthetic()
+    OmicVAE.setup_anndata(adata, layer="counts")
+    model = OmicVAE(adata)
+    with pytest.raises(ValueError, match=r"batch_size must be at least 2 \(BatchNorm"):
+        model.train(1, batch_size=1, progress_bar=False)
+    assert len(model.history) == 0 and not model.is_trained

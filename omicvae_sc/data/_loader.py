@@ -64,6 +64,17 @@ class CountTensors:
         out[row, self.indices[pos]] = self.values[pos]
         return out
 
+    def _bounds(self, batch_size: int) -> list[int]:
+        """Minibatch boundaries; a trailing one-cell batch is folded into the one before it."""
+        bounds = [*range(0, self.n_cells, batch_size), self.n_cells]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
+        return bounds
+
+    def n_batches(self, batch_size: int) -> int:
+        """Number of minibatches :meth:`batches` yields for ``batch_size``."""
+        return len(self._bounds(batch_size)) - 1
+
     def batches(
         self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -76,9 +87,6 @@ class CountTensors:
             order = torch.randperm(self.n_cells, generator=generator).to(self.device)
         else:
             order = torch.arange(self.n_cells, device=self.device)
-        bounds = [*list(range(0, self.n_cells, batch_size)), self.n_cells]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]
-        for lo, hi in itertools.pairwise(bounds):
+        for lo, hi in itertools.pairwise(self._bounds(batch_size)):
             idx = order[lo:hi]
             yield self.rows(idx), None if self.codes is None else self.codes[idx]

@@ -204,6 +204,10 @@ class OmicVAE:
         The whole history of this model (earlier ``train`` calls included), also kept as
         ``model.history``.
         """
+        if batch_size < 2:
+            msg = (f"batch_size must be at least 2 (BatchNorm cannot normalize one cell), got "
+                   f"{batch_size}.")
+            raise ValueError(msg)
         seed = self.hparams["seed"] if seed is None else seed
         n = self.adata.n_obs
         max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
@@ -410,7 +414,7 @@ class OmicVAE:
             latent=self.get_latent_representation(adata),
             obs={"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
                  "distortion": ev.distortion.numpy()},
-            uns={"params": {**{k: v for k, v in self.hparams.items()}, "n_samples": n_samples,
+            uns={"params": {**self.hparams, "n_samples": n_samples,
                             "device": str(self.device)},
                  "setup": self.setup.to_dict(), "history": self.history.to_dict()},
             denoised=self.get_normalized_expression(adata, library_size="observed")

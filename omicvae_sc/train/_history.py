@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -26,14 +26,11 @@ class History:
     seconds: tuple[float, ...] = ()
     stopped_early: bool = False
     best_epoch: int = -1
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain, h5ad-serializable dict of numpy arrays and scalars."""
         out = {}
         for key, value in asdict(self).items():
-            if key == "extra":
-                continue
             out[key] = np.asarray(value) if isinstance(value, tuple) else value
         return out
 
@@ -42,7 +39,7 @@ class History:
         """Inverse of :meth:`to_dict` (accepts lists or arrays)."""
         kwargs = {}
         for name in cls.__dataclass_fields__:
-            if name == "extra" or name not in d:
+            if name not in d:
                 continue
             value = d[name]
             if name in ("stopped_early",):

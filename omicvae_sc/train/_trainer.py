@@ -26,6 +26,8 @@ class Minibatches(Protocol):
 
     n_cells: int
 
+    def n_batches(self, batch_size: int) -> int: ...
+
     def batches(
         self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]: ...
@@ -57,12 +59,6 @@ def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if warmup <= 0:
         return config.beta
     return config.beta * min(1.0, step / warmup)
-
-
-def _n_batches(n_cells: int, batch_size: int) -> int:
-    # the loader folds a trailing one-cell batch into the previous one (BatchNorm needs >= 2)
-    full, rest = divmod(n_cells, batch_size)
-    return full + (1 if rest > 1 or full == 0 else 0)
 
 
 def _epoch_sums(
@@ -103,9 +99,9 @@ def fit(
     """
     params = list(module.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=0.01, weight_decay=config.weight_decay)
-    total_steps = config.max_epochs * _n_batches(train_data.n_cells, config.batch_size)
+    total_steps = config.max_epochs * train_data.n_batches(config.batch_size)
     rows: dict[str, list] = {k: [] for k in History.__dataclass_fields__ if k not in
-                             ("stopped_early", "best_epoch", "extra")}
+                             ("stopped_early", "best_epoch")}
     best = (float("-inf"), -1, None)  # (validation elbo, epoch, state)
     stopped_early, step = False, 0
     bar = tqdm(range(config.max_epochs), disable=not config.progress_bar, desc="training",
