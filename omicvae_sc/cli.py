@@ -158,41 +158,27 @@ def _write_atomic(adata, output: Path) -> None:
             os.remove(tmp)
 
 
-def _fit_with_model(adata, args: argparse.Namespace) -> None:
-    """The model-object path, so that the trained model can be saved."""
-    if args.save_model.exists():
-        msg = f"--save-model folder {str(args.save_model)!r} already exists; choose a new one"
-        raise CliError(msg)
-    try:
-        ov.OmicVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
-        model = ov.OmicVAE(adata, n_latent=args.n_latent, likelihood=args.likelihood,
-                           seed=args.seed)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CliError(_message(err)) from err
-    model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
-    model.write_results(adata, layers=args.denoised, seed=args.seed)
-    model.save(args.save_model)
-
-
 def run_fit(args: argparse.Namespace) -> int:
     from omicvae_sc.data import build_setup
 
     start = time.perf_counter()
     adata = _read_input(args.input, args.output)
-    if args.save_model is not None:
-        _fit_with_model(adata, args)
-    else:
-        try:  # validate before training, so a real failure in training keeps its traceback
-            build_setup(adata, layer=args.layer, batch_key=args.batch_key)
-        except (ValueError, KeyError, TypeError) as err:
-            raise CliError(_message(err)) from err
-        ov.tl.omicvae(adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
-                      likelihood=args.likelihood, max_epochs=args.epochs, seed=args.seed,
-                      layers=args.denoised, progress_bar=not args.no_progress)
+    if args.save_model is not None and args.save_model.exists():
+        msg = f"--save-model folder {str(args.save_model)!r} already exists; choose a new one"
+        raise CliError(msg)
+    try:  # validate before training, so a real failure in training keeps its traceback
+        setup = build_setup(adata, layer=args.layer, batch_key=args.batch_key)
+        model = ov.OmicVAE._from_setup(adata, setup, n_latent=args.n_latent,
+                                       likelihood=args.likelihood, seed=args.seed)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CliError(_message(err)) from err
+    model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
+    model.write_results(adata, layers=args.denoised, seed=args.seed)
     seconds = time.perf_counter() - start
     _write_atomic(adata, args.output)
     print(f"wrote {args.output}")
     if args.save_model is not None:
+        model.save(args.save_model)
         print(f"wrote {args.save_model}")
     print(f"fit: {_summary(adata, seconds)}")
     return 0

@@ -255,7 +255,10 @@ class OmicVAE:
         -------
         ``(n_cells, n_latent)`` float32 array.
         """
-        data = self._tensors(adata)
+        return self._latent(self._tensors(adata), give_mean=give_mean, seed=seed)
+
+    @torch.inference_mode()
+    def _latent(self, data: CountTensors, *, give_mean: bool = True, seed: int = 0) -> np.ndarray:
         out = []
         with seeded(seed, self.device):
             for x, codes in self._chunks(data):
@@ -286,9 +289,13 @@ class OmicVAE:
         -------
         ``(n_cells, len(gene_list))`` float32 array, computed in chunks of cells.
         """
-        data = self._tensors(adata)
         cols = gene_columns(self.var_names, gene_list)
         batch_code = batch_code_of(self.setup, transform_batch)
+        return self._expression(self._tensors(adata), library_size, cols, batch_code)
+
+    @torch.inference_mode()
+    def _expression(self, data: CountTensors, library_size: float | str, cols: np.ndarray,
+                    batch_code: int | None) -> np.ndarray:
         out = []
         for x, codes in self._chunks(data):
             mean, _ = self.module.inference(x, codes)
@@ -302,8 +309,7 @@ class OmicVAE:
         return np.concatenate(out)
 
     @torch.inference_mode()
-    def _evaluate(self, adata: AnnData | None, n_samples: int, seed: int) -> CellEvaluation:
-        data = self._tensors(adata)
+    def _evaluate(self, data: CountTensors, n_samples: int, seed: int) -> CellEvaluation:
         parts = []
         with seeded(seed, self.device):
             for x, codes in self._chunks(data, n_samples):
@@ -332,7 +338,7 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array, nats (negative; higher is better).
         """
-        return self._evaluate(adata, n_samples, seed).log_likelihood.numpy()
+        return self._evaluate(self._tensors(adata), n_samples, seed).log_likelihood.numpy()
 
     def get_elbo(
         self, adata: AnnData | None = None, *, n_samples: int = 10, seed: int = 0
@@ -352,7 +358,7 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array, nats (higher is better; -(rate + distortion)).
         """
-        ev = self._evaluate(adata, n_samples, seed)
+        ev = self._evaluate(self._tensors(adata), n_samples, seed)
         return -(ev.distortion + ev.rate).numpy()
 
     @torch.inference_mode()
@@ -409,15 +415,16 @@ class OmicVAE:
             Seeds the draws.
         """
         adata = self.adata if adata is None else adata
-        ev = self._evaluate(adata, n_samples, seed)
+        data = self._tensors(adata)  # validated and moved to the device once for every output
+        ev = self._evaluate(data, n_samples, seed)
         results = Results(
-            latent=self.get_latent_representation(adata),
+            latent=self._latent(data),
             obs={"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
                  "distortion": ev.distortion.numpy()},
             uns={"params": {**self.hparams, "n_samples": n_samples,
                             "device": str(self.device)},
                  "setup": self.setup.to_dict(), "history": self.history.to_dict()},
-            denoised=self.get_normalized_expression(adata, library_size="observed")
+            denoised=self._expression(data, "observed", gene_columns(self.var_names, None), None)
             if layers else None,
         )
         write_results(adata, results, key_added=key_added)
