@@ -24,7 +24,7 @@ from omicvae_sc.data import (
     read_setup,
     write_results,
 )
-from omicvae_sc.model import _io
+from omicvae_sc.model import _io, _scores
 from omicvae_sc.model._checks import (
     batch_code_of,
     check_hyperparameters,
@@ -35,8 +35,7 @@ from omicvae_sc.model._checks import (
 from omicvae_sc.module import VAE, CellEvaluation
 from omicvae_sc.train import History, TrainConfig, default_max_epochs, fit
 
-CHUNK_ELEMENTS = 2**25
-"""Inference works on chunks of cells holding at most about this many (samples x cells x genes)."""
+CHUNK_ELEMENTS = _scores.CHUNK_ELEMENTS
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -361,6 +360,88 @@ class OmicVAE:
         ev = self._evaluate(self._tensors(adata), n_samples, seed)
         return -(ev.distortion + ev.rate).numpy()
 
+    def get_anomaly_score(
+        self, adata: AnnData | None = None, *, n_samples: int = 50, seed: int = 0
+    ) -> np.ndarray:
+        """Per-cell anomaly score: how unexpected the cell's counts are under the fitted model.
+
+        A raw log p(x) mostly follows sequencing depth. Instead, for ``n_samples`` draws
+        z_s ~ q(z|x), the observed log p(x | z_s) is compared with log p(x~_s | z_s) of counts
+        x~_s the model generates at the same latent state and the cell's own library size:
+        score = (mean generated - mean observed) / sd(generated). Depth moves both alike, so the
+        score is in standard deviations of what the model expects for that very cell; about 0
+        for cells the model explains, large for cells it cannot (types absent from training,
+        damaged cells, doublets whose mixture it cannot express).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_samples
+            Posterior draws per cell (vectorized, cells in chunks).
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array; higher is more anomalous.
+        """
+        return self._anomaly(self._tensors(adata), n_samples, seed)
+
+    def _anomaly(self, data: CountTensors, n_samples: int, seed: int) -> np.ndarray:
+        _check_n_samples(n_samples, minimum=2)
+        with seeded(seed, self.device):
+            scores = _scores.anomaly_scores(self.module, data, n_samples=n_samples)
+        return scores.double().cpu().numpy()
+
+    def get_doublet_score(
+        self, adata: AnnData | None = None, *, expected_rate: float | None = None,
+        sim_ratio: float = 2.0, n_neighbors: int | None = None, seed: int = 0,
+    ) -> np.ndarray:
+        """Per-cell doublet probability from doublets simulated out of the cells themselves.
+
+        Random pairs of cells of the same batch are combined into doublets by the model: the
+        equal mixture of the two cells' decoded expression at the summed observed library,
+        counts drawn from the fitted likelihood. Real and simulated cells pass through the same
+        encoder and decoder; in a PCA of the decoded log expression (covariate effects removed),
+        a cell whose neighbourhood is rich in simulated doublets is doublet-like. The share of
+        simulated doublets among the ``n_neighbors`` nearest neighbours becomes a posterior
+        probability with the prior ``expected_rate``.
+
+        Parameters
+        ----------
+        adata
+            The cells to score, as loaded together (doublets form within one loading);
+            default: the AnnData the model was built on.
+        expected_rate
+            Prior doublet rate; ``None``: 0.8% per 1,000 cells (10x Genomics), at most 25%.
+        sim_ratio
+            Simulated doublets per real cell.
+        n_neighbors
+            Neighbours per cell; ``None``: the square root of real plus simulated cells.
+        seed
+            Seeds the pairing and the simulated counts.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array of probabilities; higher is more doublet-like.
+        """
+        return self._doublets(self._tensors(adata), expected_rate, sim_ratio, n_neighbors, seed)
+
+    def _doublets(self, data: CountTensors, expected_rate: float | None, sim_ratio: float,
+                  n_neighbors: int | None, seed: int) -> np.ndarray:
+        _scores.check_rate("expected_rate", expected_rate)
+        if not sim_ratio > 0 or (n_neighbors is not None and n_neighbors < 1):
+            msg = (f"sim_ratio must be positive and n_neighbors a positive integer or None; got "
+                   f"sim_ratio={sim_ratio!r}, n_neighbors={n_neighbors!r}.")
+            raise ValueError(msg)
+        rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
+            else expected_rate
+        with seeded(seed, self.device):
+            result = _scores.doublet_scores(self.module, data, sim_ratio=sim_ratio,
+                                            n_neighbors=n_neighbors, expected_rate=rate)
+        return result.probability
+
     @torch.inference_mode()
     def posterior_predictive_sample(
         self, adata: AnnData | None = None, *, gene_list: list[str] | None = None, seed: int = 0,
@@ -394,12 +475,16 @@ class OmicVAE:
     # ------------------------------------------------------------------ writeback, files
     def write_results(
         self, adata: AnnData | None = None, *, key_added: str = "omicvae", layers: bool = False,
-        n_samples: int = 25, seed: int = 0,
+        n_samples: int = 25, anomaly: bool = True, contamination: float | None = None,
+        n_mads: float = 3.0, doublets: bool = True, doublet_rate: float | None = None,
+        seed: int = 0,
     ) -> None:
-        """Write latents, per-cell scores and parameters into ``adata`` (see the README table).
+        """Write latents, per-cell scores, flags and parameters into ``adata`` (README table).
 
         Adds ``obsm['X_<key>']``, ``obs['<key>_log_likelihood' | '_rate' | '_distortion']``,
-        ``uns['<key>']`` and, with ``layers=True``, ``layers['<key>_denoised']``.
+        with ``anomaly`` ``obs['<key>_anomaly_score' | '_is_anomaly']``, with ``doublets``
+        ``obs['<key>_doublet_score' | '_is_doublet']``, ``uns['<key>']`` and, with
+        ``layers=True``, ``layers['<key>_denoised']``.
 
         Parameters
         ----------
@@ -410,20 +495,47 @@ class OmicVAE:
         layers
             Also write the denoised expression (expected counts at each cell's own depth).
         n_samples
-            Posterior draws per cell for the log-likelihood, rate and distortion.
+            Posterior draws per cell for the log-likelihood, rate, distortion and anomaly score.
+        anomaly
+            Score (:meth:`get_anomaly_score`) and flag anomalous cells.
+        contamination
+            Anomaly rule: ``None`` flags scores above median + ``n_mads`` x 1.4826 MAD (a robust
+            cutoff); a fraction flags that share of cells with the highest scores.
+        n_mads
+            Width of the robust cutoff, in robust standard deviations.
+        doublets
+            Score (:meth:`get_doublet_score`) and flag doublets.
+        doublet_rate
+            Doublet rule: flag this share of cells with the highest doublet scores (also the
+            prior of the score); ``None``: 0.8% per 1,000 cells loaded, at most 25%.
         seed
             Seeds the draws.
         """
+        _scores.check_rate("contamination", contamination)
+        _scores.check_rate("doublet_rate", doublet_rate)
+        _scores.check_n_mads(n_mads)
+        _check_n_samples(n_samples, minimum=2 if anomaly else 1)
         adata = self.adata if adata is None else adata
         data = self._tensors(adata)  # validated and moved to the device once for every output
         ev = self._evaluate(data, n_samples, seed)
+        obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
+               "distortion": ev.distortion.numpy()}
+        uns = {"params": {**self.hparams, "n_samples": n_samples, "device": str(self.device)},
+               "setup": self.setup.to_dict(), "history": self.history.to_dict()}
+        if anomaly:
+            score = self._anomaly(data, n_samples, seed)
+            flags = (_scores.flag_robust(score, n_mads) if contamination is None
+                     else _scores.flag_top_fraction(score, contamination))
+            obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
+            uns["anomaly"] = flags.to_dict()
+        if doublets:
+            rate = doublet_rate or _scores.default_doublet_rate(data.n_cells)
+            score = self._doublets(data, rate, 2.0, None, seed)
+            flags = _scores.flag_top_fraction(score, rate)
+            obs |= {"doublet_score": score, "is_doublet": flags.flagged}
+            uns["doublet"] = flags.to_dict()
         results = Results(
-            latent=self._latent(data),
-            obs={"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
-                 "distortion": ev.distortion.numpy()},
-            uns={"params": {**self.hparams, "n_samples": n_samples,
-                            "device": str(self.device)},
-                 "setup": self.setup.to_dict(), "history": self.history.to_dict()},
+            latent=self._latent(data), obs=obs, uns=uns,
             denoised=self._expression(data, "observed", gene_columns(self.var_names, None), None)
             if layers else None,
         )
@@ -468,3 +580,9 @@ class OmicVAE:
         model.is_trained = bool(meta["is_trained"])
         return model
 
+
+
+def _check_n_samples(n_samples: int, *, minimum: int = 1) -> None:
+    if not isinstance(n_samples, int | np.integer) or n_samples < minimum:
+        msg = f"n_samples must be an integer >= {minimum}, got {n_samples!r}."
+        raise ValueError(msg)

@@ -6,7 +6,14 @@ from omicvae_sc.module._distributions import (
     ZeroInflatedNegativeBinomial,
     make_count_distribution,
 )
-from omicvae_sc.module._vae import DISPERSIONS, LIKELIHOODS, VAE, CellEvaluation, LossOutput
+from omicvae_sc.module._vae import (
+    DISPERSIONS,
+    LIKELIHOODS,
+    VAE,
+    CellEvaluation,
+    LossOutput,
+    PredictiveCheck,
+)
 
 __all__ = [
     "DISPERSIONS",
@@ -16,6 +23,7 @@ __all__ = [
     "LossOutput",
     "NegativeBinomial",
     "Poisson",
+    "PredictiveCheck",
     "ZeroInflatedNegativeBinomial",
     "make_count_distribution",
 ]

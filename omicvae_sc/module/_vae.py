@@ -39,6 +39,21 @@ class CellEvaluation:
     rate: torch.Tensor  # (batch,) analytic KL to the prior
 
 
+@dataclass(frozen=True)
+class PredictiveCheck:
+    """How likely a cell's counts are next to counts the model generates for the same cell."""
+
+    observed: torch.Tensor  # (batch,) mean over z_s ~ q(z|x) of log p(x | z_s)
+    generated: torch.Tensor  # (batch,) mean over s of log p(x~_s | z_s), x~_s ~ p(x | z_s)
+    spread: torch.Tensor  # (batch,) standard deviation over s of log p(x~_s | z_s)
+
+    @property
+    def z_score(self) -> torch.Tensor:
+        """(generated - observed) / spread: > 0 when the cell is less likely than the model's own
+        draws at the same latent state and library size."""
+        return (self.generated - self.observed) / self.spread.clamp_min(1e-6)
+
+
 class VAE(nn.Module):
     """A variational autoencoder for count data with an NB, ZINB or Poisson likelihood.
 
@@ -170,3 +185,40 @@ class VAE(nn.Module):
         return CellEvaluation(
             log_likelihood=log_lik, distortion=-log_px_z.mean(0), rate=self.kl_to_prior(mean, var)
         )
+
+    @torch.no_grad()
+    def predictive_check(
+        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, n_samples: int = 50
+    ) -> PredictiveCheck:
+        """Compare log p(x | z) with log p(x~ | z) for x~ drawn from the model at the same z.
+
+        Each of ``n_samples`` draws z_s ~ q(z|x) decodes, at the cell's own library size, to
+        p(x | z_s); one x~_s is drawn from it. Sequencing depth moves both log-likelihoods
+        alike, so their difference in units of the spread of log p(x~ | z) measures misfit.
+        """
+        mean, var = self.inference(x, codes)
+        z = mean + var.sqrt() * torch.randn((n_samples, *mean.shape), device=x.device)
+        px = self.generative(z, x.sum(-1, keepdim=True), codes)  # batch shape (K, batch, genes)
+        observed = px.log_prob(x).sum(-1)  # (K, batch)
+        generated = px.log_prob(px.sample()).sum(-1)  # (K, batch)
+        return PredictiveCheck(observed=observed.mean(0), generated=generated.mean(0),
+                               spread=generated.std(0))
+
+    @torch.no_grad()
+    def sample_doublets(
+        self, z_a: torch.Tensor, z_b: torch.Tensor, library: torch.Tensor,
+        codes_a: torch.Tensor | None = None, codes_b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Counts of simulated doublets of the cells with latents ``z_a`` and ``z_b``.
+
+        A doublet holds both cells' transcripts: its expression fractions are the equal mixture
+        of the two cells' decoded fractions, its library ``library`` ``(batch, 1)`` is given by
+        the caller (the sum of the two observed libraries), and its counts are drawn from the
+        count model without zero inflation (the extra zeros of a mixture are not known).
+        Returns ``(batch, genes)`` counts.
+        """
+        frac = 0.5 * (self.expression_fractions(z_a, codes_a)
+                      + self.expression_fractions(z_b, codes_b))  # (batch, genes)
+        likelihood = "poisson" if self.likelihood == "poisson" else "nb"
+        return make_count_distribution(likelihood, frac * library,
+                                       theta=self._theta(codes_a)).sample()
