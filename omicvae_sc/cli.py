@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fit the bundled 700 PBMCs, write h5ad, UMAP and history",
                           description="Fit the bundled 700 PBMCs (ov.datasets.pbmc68k_reduced), "
-                          "write the AnnData, a UMAP figure and the training history.")
+                          "write the AnnData, a UMAP figure, the training history and the "
+                          "anomaly scores.")
     demo.add_argument("-o", "--outdir", type=Path, default=Path("omicvae_demo"),
                       help="output folder (default ./omicvae_demo)")
     _add_common(demo)
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="count likelihood (default zinb)")
     fit.add_argument("--denoised", action="store_true",
                      help="also write layers['omicvae_denoised'] (dense cells x genes)")
+    fit.add_argument("--contamination", type=float, default=None, metavar="FRACTION",
+                     help="flag this share of cells with the highest anomaly scores (default: "
+                     "a robust cutoff, median + 3 x 1.4826 MAD)")
+    fit.add_argument("--doublet-rate", type=float, default=None, metavar="FRACTION",
+                     help="flag this share of cells as doublets (default: 0.8%% per 1,000 "
+                     "cells)")
+    fit.add_argument("--no-anomaly", action="store_true", help="skip anomaly scores and flags")
+    fit.add_argument("--no-doublets", action="store_true", help="skip doublet scores and flags")
     fit.add_argument("--save-model", type=Path, default=None, metavar="DIR",
                      help="also save the trained model into this new folder")
     _add_common(fit)
@@ -81,8 +90,10 @@ def _summary(adata, seconds: float) -> str:
     elbo = float(history["train_elbo"][-1])
     val = float(history["validation_elbo"][-1])
     val_text = "" if val != val else f", validation {val:.1f}"  # NaN: no validation split
+    flags = "".join(f", {adata.uns['omicvae'][kind]['n_flagged']} flagged as {kind}"
+                    for kind in ("anomaly", "doublet") if kind in adata.uns["omicvae"])
     return (f"{adata.n_obs} cells x {adata.n_vars} genes, {len(history['epoch'])} epochs, "
-            f"final ELBO {elbo:.1f} nats/cell (train{val_text}), {seconds:.0f} s")
+            f"final ELBO {elbo:.1f} nats/cell (train{val_text}){flags}, {seconds:.0f} s")
 
 
 # ---------------------------------------------------------------------- demo
@@ -118,10 +129,11 @@ def run_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     paths = {name: outdir / f"pbmc68k_omicvae{name}"
-             for name in (".h5ad", "_umap.png", "_history.png")}
+             for name in (".h5ad", "_umap.png", "_history.png", "_anomaly.png")}
     adata.write_h5ad(paths[".h5ad"])
     _umap_figure(adata, paths["_umap.png"])
     plt.close(ov.pl.training_history(adata, save=str(paths["_history.png"]), show=False))
+    plt.close(ov.pl.anomaly(adata, save=str(paths["_anomaly.png"]), show=False))
     for path in paths.values():
         print(f"wrote {path}")
     print(f"demo: {_summary(adata, seconds)}")
@@ -160,6 +172,7 @@ def _write_atomic(adata, output: Path) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     from omicvae_sc.data import build_setup
+    from omicvae_sc.model._scores import check_rate
 
     start = time.perf_counter()
     adata = _read_input(args.input, args.output)
@@ -167,13 +180,17 @@ def run_fit(args: argparse.Namespace) -> int:
         msg = f"--save-model folder {str(args.save_model)!r} already exists; choose a new one"
         raise CliError(msg)
     try:  # validate before training, so a real failure in training keeps its traceback
+        check_rate("--contamination", args.contamination)
+        check_rate("--doublet-rate", args.doublet_rate)
         setup = build_setup(adata, layer=args.layer, batch_key=args.batch_key)
         model = ov.OmicVAE._from_setup(adata, setup, n_latent=args.n_latent,
                                        likelihood=args.likelihood, seed=args.seed)
     except (ValueError, KeyError, TypeError) as err:
         raise CliError(_message(err)) from err
     model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
-    model.write_results(adata, layers=args.denoised, seed=args.seed)
+    model.write_results(adata, layers=args.denoised, anomaly=not args.no_anomaly,
+                        contamination=args.contamination, doublets=not args.no_doublets,
+                        doublet_rate=args.doublet_rate, seed=args.seed)
     seconds = time.perf_counter() - start
     _write_atomic(adata, args.output)
     print(f"wrote {args.output}")

@@ -16,7 +16,8 @@ import omicvae_sc as ov
 from omicvae_sc.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OBS_KEYS = ["omicvae_log_likelihood", "omicvae_rate", "omicvae_distortion"]
+OBS_KEYS = ["omicvae_log_likelihood", "omicvae_rate", "omicvae_distortion",
+            "omicvae_anomaly_score", "omicvae_doublet_score"]
 
 
 def sha256(path: Path) -> str:
@@ -74,6 +75,27 @@ def test_fit_with_a_missing_layer_exits_2_without_output(counts_h5ad, tmp_path, 
     assert sha256(counts_h5ad) == before
 
 
+def test_fit_flag_rules_from_the_command_line(counts_h5ad, tmp_path, capsys):
+    out = tmp_path / "fitted.h5ad"
+    code = main(["fit", str(counts_h5ad), "-o", str(out), "--layer", "counts", "--epochs", "5",
+                 "--contamination", "0.1", "--no-doublets", "--no-progress"])
+    assert code == 0
+    fitted = ad.read_h5ad(out)
+    assert fitted.obs["omicvae_is_anomaly"].sum() == 20  # 10% of 200 cells
+    assert fitted.uns["omicvae"]["anomaly"]["rule"] == "expected_rate"
+    assert "omicvae_is_doublet" not in fitted.obs
+    assert "20 flagged as anomaly" in capsys.readouterr().out
+
+
+def test_fit_with_a_bad_doublet_rate_exits_2(counts_h5ad, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    code = main(["fit", str(counts_h5ad), "-o", str(out), "--doublet-rate", "0.9"])
+    assert code == 2
+    assert ("omicvae-sc: error: --doublet-rate must be a fraction of cells in (0, 0.5), got 0.9"
+            in capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_fit_with_a_missing_input_exits_2(tmp_path, capsys):
     code = main(["fit", str(tmp_path / "absent.h5ad"), "-o", str(tmp_path / "out.h5ad")])
     assert code == 2
@@ -92,7 +114,8 @@ def test_demo_writes_h5ad_and_figures(tmp_path, capsys):
     outdir = tmp_path / "demo"
     code = main(["demo", "-o", str(outdir), "--epochs", "5", "--no-progress"])
     assert code == 0
-    for name in ("pbmc68k_omicvae_umap.png", "pbmc68k_omicvae_history.png"):
+    for name in ("pbmc68k_omicvae_umap.png", "pbmc68k_omicvae_history.png",
+                 "pbmc68k_omicvae_anomaly.png"):
         assert (outdir / name).read_bytes()[:8] == PNG_MAGIC
     adata = ad.read_h5ad(outdir / "pbmc68k_omicvae.h5ad")
     assert adata.obsm["X_umap"].shape == (700, 2)

@@ -33,7 +33,9 @@ def _keys(adata: AnnData) -> dict[str, set[str]]:
 def _expected(key: str, layers: bool) -> dict[str, set[str]]:
     return {
         "obsm": {f"X_{key}"},
-        "obs": {f"{key}_log_likelihood", f"{key}_rate", f"{key}_distortion"},
+        "obs": {f"{key}_log_likelihood", f"{key}_rate", f"{key}_distortion",
+                f"{key}_anomaly_score", f"{key}_is_anomaly", f"{key}_doublet_score",
+                f"{key}_is_doublet"},
         "layers": {f"{key}_denoised"} if layers else set(),
         "uns": {key},
     }
@@ -60,12 +62,22 @@ def test_writes_exactly_the_documented_keys(layers, synthetic, adata_fingerprint
     added = {attr: after[attr] - before_keys[attr] for attr in ATTRS}
     assert added == _expected("omicvae", layers)
     assert all(before_keys[attr] <= after[attr] for attr in ATTRS)
-    assert set(adata.uns["omicvae"]) == {"params", "setup", "history"}
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "anomaly", "doublet"}
+    for kind in ("anomaly", "doublet"):
+        assert set(adata.uns["omicvae"][kind]) == {"rule", "value", "threshold", "n_flagged"}
 
     for attr, keys in added.items():  # take them away again: nothing else was touched
         for key in keys:
             del getattr(adata, attr)[key]
     assert adata_fingerprint(adata) == before
+
+
+def test_scores_can_be_switched_off(synthetic):
+    adata = synthetic.copy()
+    _fit(adata, anomaly=False, doublets=False)
+    assert {k for k in adata.obs if k.startswith("omicvae_")} == {
+        "omicvae_log_likelihood", "omicvae_rate", "omicvae_distortion"}
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history"}
 
 
 def test_documented_keys_are_the_written_keys():

@@ -361,24 +361,27 @@ class OmicVAE:
         return -(ev.distortion + ev.rate).numpy()
 
     def get_anomaly_score(
-        self, adata: AnnData | None = None, *, n_samples: int = 50, seed: int = 0
+        self, adata: AnnData | None = None, *, n_draws: int = 10, n_samples: int = 10,
+        seed: int = 0,
     ) -> np.ndarray:
-        """Per-cell anomaly score: how unexpected the cell's counts are under the fitted model.
+        """Per-cell anomaly score: how unexpected the cell is for a cell of its depth.
 
-        A raw log p(x) mostly follows sequencing depth. Instead, for ``n_samples`` draws
-        z_s ~ q(z|x), the observed log p(x | z_s) is compared with log p(x~_s | z_s) of counts
-        x~_s the model generates at the same latent state and the cell's own library size:
-        score = (mean generated - mean observed) / sd(generated). Depth moves both alike, so the
-        score is in standard deviations of what the model expects for that very cell; about 0
-        for cells the model explains, large for cells it cannot (types absent from training,
-        damaged cells, doublets whose mixture it cannot express).
+        A raw log p(x) mostly follows sequencing depth: a deep cell has more counts to explain.
+        Here each cell's importance-weighted log p(x) is compared with log p(x~) of ``n_draws``
+        cells x~ the model generates itself (z ~ N(0, I)) at the same library size and
+        covariates: score = (mean log p(x~) - log p(x)) / sd(log p(x~)). Depth moves both sides
+        alike, so the score is in standard deviations of what the model expects at that depth;
+        it is high for cells the model cannot explain (types absent from training, damaged
+        cells, doublets) whether the misfit is in the counts or in an unusual latent state.
 
         Parameters
         ----------
         adata
             AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_draws
+            Generated cells per cell, at least 2 (they give the mean and spread).
         n_samples
-            Posterior draws per cell (vectorized, cells in chunks).
+            Importance samples per log p estimate (vectorized, cells in chunks).
         seed
             Seeds the draws.
 
@@ -386,12 +389,14 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array; higher is more anomalous.
         """
-        return self._anomaly(self._tensors(adata), n_samples, seed)
+        return self._anomaly(self._tensors(adata), n_draws, n_samples, seed)
 
-    def _anomaly(self, data: CountTensors, n_samples: int, seed: int) -> np.ndarray:
-        _check_n_samples(n_samples, minimum=2)
+    def _anomaly(self, data: CountTensors, n_draws: int, n_samples: int, seed: int) -> np.ndarray:
+        _check_n_samples(n_draws, minimum=2, name="n_draws")
+        _check_n_samples(n_samples)
         with seeded(seed, self.device):
-            scores = _scores.anomaly_scores(self.module, data, n_samples=n_samples)
+            scores = _scores.anomaly_scores(self.module, data, n_draws=n_draws,
+                                            n_samples=n_samples)
         return scores.double().cpu().numpy()
 
     def get_doublet_score(
@@ -495,7 +500,8 @@ class OmicVAE:
         layers
             Also write the denoised expression (expected counts at each cell's own depth).
         n_samples
-            Posterior draws per cell for the log-likelihood, rate, distortion and anomaly score.
+            Posterior draws per cell for the log-likelihood, rate and distortion (the anomaly
+            score uses the defaults of :meth:`get_anomaly_score`).
         anomaly
             Score (:meth:`get_anomaly_score`) and flag anomalous cells.
         contamination
@@ -514,7 +520,7 @@ class OmicVAE:
         _scores.check_rate("contamination", contamination)
         _scores.check_rate("doublet_rate", doublet_rate)
         _scores.check_n_mads(n_mads)
-        _check_n_samples(n_samples, minimum=2 if anomaly else 1)
+        _check_n_samples(n_samples)
         adata = self.adata if adata is None else adata
         data = self._tensors(adata)  # validated and moved to the device once for every output
         ev = self._evaluate(data, n_samples, seed)
@@ -523,7 +529,7 @@ class OmicVAE:
         uns = {"params": {**self.hparams, "n_samples": n_samples, "device": str(self.device)},
                "setup": self.setup.to_dict(), "history": self.history.to_dict()}
         if anomaly:
-            score = self._anomaly(data, n_samples, seed)
+            score = self._anomaly(data, 10, min(n_samples, 10), seed)
             flags = (_scores.flag_robust(score, n_mads) if contamination is None
                      else _scores.flag_top_fraction(score, contamination))
             obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
@@ -582,7 +588,7 @@ class OmicVAE:
 
 
 
-def _check_n_samples(n_samples: int, *, minimum: int = 1) -> None:
+def _check_n_samples(n_samples: int, *, minimum: int = 1, name: str = "n_samples") -> None:
     if not isinstance(n_samples, int | np.integer) or n_samples < minimum:
-        msg = f"n_samples must be an integer >= {minimum}, got {n_samples!r}."
+        msg = f"{name} must be an integer >= {minimum}, got {n_samples!r}."
         raise ValueError(msg)

@@ -30,13 +30,17 @@ def _chunk_size(n_columns: int) -> int:
 
 # ---------------------------------------------------------------------------- anomaly
 @torch.no_grad()
-def anomaly_scores(module: VAE, data: CountTensors, *, n_samples: int) -> torch.Tensor:
-    """Predictive z-score per cell, ``(n_cells,)``: how much less likely the observed counts are
-    than counts the model generates at the same latent state and library size, in standard
-    deviations of the generated log-likelihood (see :meth:`VAE.predictive_check`)."""
+def anomaly_scores(
+    module: VAE, data: CountTensors, *, n_draws: int, n_samples: int
+) -> torch.Tensor:
+    """Predictive z-score per cell, ``(n_cells,)``: how much less likely the cell is than cells
+    the model generates at its library size, in standard deviations of their log-likelihood
+    (see :meth:`VAE.predictive_check`)."""
     out = []
-    for x, codes in data.batches(_chunk_size(n_samples * data.n_genes), shuffle=False):
-        out.append(module.predictive_check(x, codes, n_samples=n_samples).z_score)
+    width = (n_draws + 1) * n_samples * data.n_genes
+    for x, codes in data.batches(_chunk_size(width), shuffle=False):
+        check = module.predictive_check(x, codes, n_draws=n_draws, n_samples=n_samples)
+        out.append(check.z_score)
     return torch.cat(out)
 
 
@@ -193,11 +197,14 @@ def check_n_mads(n_mads: float) -> None:
 
 
 def flag_top_fraction(scores: np.ndarray, rate: float) -> Flags:
-    """Flag the ``ceil(rate * n)`` highest scores (ties at the threshold all flagged)."""
+    """Flag exactly the ``ceil(rate * n)`` highest scores; ties at the threshold go to the cells
+    that come first."""
     n_flag = math.ceil(rate * len(scores))
-    threshold = float(np.sort(scores)[-n_flag]) if n_flag else math.inf
-    return Flags(flagged=scores >= threshold, rule="expected_rate", threshold=threshold,
-                 value=float(rate))
+    top = np.argsort(-scores, kind="stable")[:n_flag]
+    flagged = np.zeros(len(scores), dtype=bool)
+    flagged[top] = True
+    threshold = float(scores[top[-1]]) if n_flag else math.inf
+    return Flags(flagged=flagged, rule="expected_rate", threshold=threshold, value=float(rate))
 
 
 def flag_robust(scores: np.ndarray, n_mads: float) -> Flags:

@@ -43,14 +43,14 @@ class CellEvaluation:
 class PredictiveCheck:
     """How likely a cell's counts are next to counts the model generates for the same cell."""
 
-    observed: torch.Tensor  # (batch,) mean over z_s ~ q(z|x) of log p(x | z_s)
-    generated: torch.Tensor  # (batch,) mean over s of log p(x~_s | z_s), x~_s ~ p(x | z_s)
-    spread: torch.Tensor  # (batch,) standard deviation over s of log p(x~_s | z_s)
+    observed: torch.Tensor  # (batch,) importance-weighted log p(x)
+    generated: torch.Tensor  # (batch,) mean of log p(x~) over cells x~ generated at x's depth
+    spread: torch.Tensor  # (batch,) standard deviation of those log p(x~)
 
     @property
     def z_score(self) -> torch.Tensor:
-        """(generated - observed) / spread: > 0 when the cell is less likely than the model's own
-        draws at the same latent state and library size."""
+        """(generated - observed) / spread: > 0 when the cell is less likely than the cells the
+        model generates at the same library size."""
         return (self.generated - self.observed) / self.spread.clamp_min(1e-6)
 
 
@@ -188,20 +188,24 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def predictive_check(
-        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, n_samples: int = 50
+        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, n_draws: int = 10,
+        n_samples: int = 10,
     ) -> PredictiveCheck:
-        """Compare log p(x | z) with log p(x~ | z) for x~ drawn from the model at the same z.
+        """Compare log p(x) with log p(x~) of cells the model generates at the same library size.
 
-        Each of ``n_samples`` draws z_s ~ q(z|x) decodes, at the cell's own library size, to
-        p(x | z_s); one x~_s is drawn from it. Sequencing depth moves both log-likelihoods
-        alike, so their difference in units of the spread of log p(x~ | z) measures misfit.
+        ``n_draws`` cells x~ are drawn for each cell from the model itself, z ~ N(0, I) and
+        x~ ~ p(x | z, library of x, covariates of x); every log p is the importance-weighted
+        estimate with ``n_samples`` draws from q(z|x). Sequencing depth moves both sides alike,
+        so the difference in units of the spread of log p(x~) measures how unexpected the cell
+        is for a cell of its depth, the prior term (an unusual latent state) included.
         """
-        mean, var = self.inference(x, codes)
-        z = mean + var.sqrt() * torch.randn((n_samples, *mean.shape), device=x.device)
-        px = self.generative(z, x.sum(-1, keepdim=True), codes)  # batch shape (K, batch, genes)
-        observed = px.log_prob(x).sum(-1)  # (K, batch)
-        generated = px.log_prob(px.sample()).sum(-1)  # (K, batch)
-        return PredictiveCheck(observed=observed.mean(0), generated=generated.mean(0),
+        observed = self.evaluate(x, codes, n_samples=n_samples).log_likelihood  # (batch,)
+        z = torch.randn((n_draws, x.shape[0], self.n_latent), device=x.device)
+        fake = self.generative(z, x.sum(-1, keepdim=True), codes).sample()  # (M, batch, genes)
+        fake_codes = None if codes is None else codes.repeat(n_draws, 1)
+        generated = self.evaluate(fake.reshape(-1, x.shape[-1]), fake_codes,
+                                  n_samples=n_samples).log_likelihood.reshape(n_draws, -1)
+        return PredictiveCheck(observed=observed, generated=generated.mean(0),
                                spread=generated.std(0))
 
     @torch.no_grad()

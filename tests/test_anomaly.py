@@ -1,0 +1,198 @@
+"""Anomaly and doublet scores find what they should on synthetic data with a known answer;
+flags follow their documented rules; bad arguments raise before anything is written."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+import omicvae_sc as ov
+from omicvae_sc import OmicVAE
+from omicvae_sc.model._scores import default_doublet_rate
+
+EPOCHS = 80
+
+
+@functools.cache
+def _ood():
+    """Train on groups 0-2 of a 4-group simulation; score held-out cells of all four groups."""
+    data = ov.datasets.synthetic_counts(n_cells=800, n_genes=100, n_groups=4, n_batches=1,
+                                        group_effect=3.0, seed=1)
+    scored = np.random.default_rng(0).random(data.n_obs) < 0.25
+    novel = (data.obs["group"] == "group3").to_numpy()
+    train = data[~scored & ~novel].copy()
+    OmicVAE.setup_anndata(train)
+    model = OmicVAE(train, n_latent=5, seed=0, device="cpu")
+    model.train(EPOCHS, progress_bar=False)
+    return model, data[scored].copy(), novel[scored]
+
+
+@functools.cache
+def _with_doublets():
+    """600 cells of 3 groups plus 30 doublets (summed counts of two cells of different groups)."""
+    data = ov.datasets.synthetic_counts(n_cells=600, n_genes=100, n_groups=3, n_batches=1,
+                                        seed=2)
+    rng = np.random.default_rng(0)
+    group = data.obs["group"].to_numpy()
+    first = rng.choice(data.n_obs, 60)
+    second = np.array([rng.choice(np.flatnonzero(group != group[i])) for i in first])[:30]
+    first = first[:30]
+    x = sp.csr_matrix(data.X)
+    counts = sp.vstack([x, x[first] + x[second]]).tocsr()
+    adata = ad.AnnData(counts)
+    adata.obs_names = [*data.obs_names, *(f"dbl{i}" for i in range(30))]
+    adata.var_names = data.var_names
+    OmicVAE.setup_anndata(adata)
+    model = OmicVAE(adata, n_latent=5, seed=0, device="cpu")
+    model.train(EPOCHS, progress_bar=False)
+    return model, adata, np.r_[np.zeros(data.n_obs, bool), np.ones(30, bool)]
+
+
+# ---------------------------------------------------------------------------- the model works
+def test_cells_of_a_type_absent_in_training_score_as_anomalies():
+    model, scored, novel = _ood()
+    score = model.get_anomaly_score(scored)
+    assert roc_auc_score(novel, score) > 0.9
+
+
+def test_anomaly_score_does_not_follow_library_size():
+    model, scored, novel = _ood()
+    score = model.get_anomaly_score(scored)
+    library = np.asarray(scored.X.sum(1)).ravel()
+    rho_raw = spearmanr(-model.get_marginal_ll(scored)[~novel], library[~novel]).statistic
+    rho = spearmanr(score[~novel], library[~novel]).statistic
+    assert abs(rho_raw) > 0.5  # what the calibration removes
+    assert abs(rho) < abs(rho_raw) - 0.15
+
+
+def test_novel_cells_score_a_standard_deviation_above_ordinary_ones():
+    model, scored, novel = _ood()
+    score = model.get_anomaly_score(scored)
+    assert abs(np.median(score[~novel])) < 1.5  # in units of the generated cells' spread
+    assert np.median(score[novel]) > np.median(score[~novel]) + 1.0
+
+
+def test_simulated_doublets_score_as_doublets():
+    model, adata, truth = _with_doublets()
+    score = model.get_doublet_score(seed=0)
+    assert score.shape == (adata.n_obs,)
+    assert np.all((score >= 0) & (score <= 1))
+    assert roc_auc_score(truth, score) > 0.9
+    # precision among the 30 highest scores: far above the 5% base rate
+    assert truth[np.argsort(score)[-30:]].mean() > 0.5
+
+
+def test_doublet_score_is_seeded():
+    model, _, _ = _with_doublets()
+    np.testing.assert_array_equal(model.get_doublet_score(seed=3),
+                                  model.get_doublet_score(seed=3))
+    assert not np.array_equal(model.get_doublet_score(seed=3), model.get_doublet_score(seed=4))
+
+
+def test_expected_rate_is_the_prior_of_the_doublet_probability():
+    model, _, _ = _with_doublets()
+    low = model.get_doublet_score(expected_rate=0.01)
+    high = model.get_doublet_score(expected_rate=0.2)
+    assert np.all(high >= low - 1e-12)
+    np.testing.assert_array_equal(np.argsort(low, kind="stable"),
+                                  np.argsort(high, kind="stable"))
+
+
+# ---------------------------------------------------------------------------- flags
+def _write(model, adata, **kwargs):
+    target = adata.copy()
+    model.write_results(target, n_samples=10, **kwargs)
+    return target
+
+
+def test_contamination_flags_that_share_of_highest_scores():
+    model, scored, _ = _ood()
+    out = _write(model, scored, contamination=0.1, doublets=False)
+    score = out.obs["omicvae_anomaly_score"].to_numpy()
+    flagged = out.obs["omicvae_is_anomaly"].to_numpy()
+    assert flagged.sum() == math.ceil(0.1 * scored.n_obs)
+    assert score[flagged].min() >= score[~flagged].max()
+    rule = out.uns["omicvae"]["anomaly"]
+    assert rule["rule"] == "expected_rate" and rule["value"] == 0.1
+    assert rule["threshold"] == score[flagged].min()
+
+
+def test_default_anomaly_rule_is_median_plus_three_robust_sd():
+    model, scored, _ = _ood()
+    out = _write(model, scored, doublets=False)
+    score = out.obs["omicvae_anomaly_score"].to_numpy()
+    med = np.median(score)
+    cutoff = med + 3 * 1.4826 * np.median(np.abs(score - med))
+    np.testing.assert_array_equal(out.obs["omicvae_is_anomaly"].to_numpy(), score > cutoff)
+    assert out.uns["omicvae"]["anomaly"]["rule"] == "robust_cutoff"
+    assert out.uns["omicvae"]["anomaly"]["threshold"] == pytest.approx(cutoff)
+
+
+def test_default_doublet_rate_follows_cells_loaded():
+    assert default_doublet_rate(1000) == pytest.approx(0.008)
+    assert default_doublet_rate(10_000) == pytest.approx(0.08)
+    assert default_doublet_rate(10**6) == 0.25
+    model, adata, _ = _with_doublets()
+    out = _write(model, adata, anomaly=False)
+    rule = out.uns["omicvae"]["doublet"]
+    assert rule["value"] == pytest.approx(0.008 * adata.n_obs / 1000)
+    assert out.obs["omicvae_is_doublet"].sum() == math.ceil(rule["value"] * adata.n_obs)
+    out = _write(model, adata, anomaly=False, doublet_rate=0.05)
+    assert out.obs["omicvae_is_doublet"].sum() == math.ceil(0.05 * adata.n_obs)
+
+
+def test_flags_survive_h5ad(tmp_path):
+    model, adata, _ = _with_doublets()
+    out = _write(model, adata)
+    out.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    for key in ("omicvae_is_anomaly", "omicvae_is_doublet"):
+        np.testing.assert_array_equal(back.obs[key].to_numpy(), out.obs[key].to_numpy())
+    assert back.uns["omicvae"]["doublet"]["n_flagged"] == out.obs["omicvae_is_doublet"].sum()
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"contamination": 0.0}, r"contamination must be a fraction of cells in \(0, 0.5\), got 0.0"),
+    ({"contamination": 0.7}, r"contamination must be a fraction .* got 0.7"),
+    ({"doublet_rate": -0.1}, r"doublet_rate must be a fraction .* got -0.1"),
+    ({"n_mads": 0}, r"n_mads must be positive, got 0"),
+    ({"n_samples": 0}, r"n_samples must be an integer >= 1, got 0"),
+])
+def test_bad_flag_arguments_raise_and_write_nothing(kwargs, match, adata_fingerprint):
+    model, scored, _ = _ood()
+    before = adata_fingerprint(scored)
+    with pytest.raises(ValueError, match=match):
+        model.write_results(scored, **kwargs)
+    assert adata_fingerprint(scored) == before
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"expected_rate": 0.5}, r"expected_rate must be a fraction .* got 0.5"),
+    ({"sim_ratio": 0}, r"sim_ratio must be positive .* got sim_ratio=0"),
+    ({"n_neighbors": 0}, r"n_neighbors=0"),
+])
+def test_bad_doublet_arguments_raise(kwargs, match):
+    model, _, _ = _with_doublets()
+    with pytest.raises(ValueError, match=match):
+        model.get_doublet_score(**kwargs)
+
+
+def test_bad_anomaly_draws_raise():
+    model, scored, _ = _ood()
+    with pytest.raises(ValueError, match=r"n_draws must be an integer >= 2, got 1"):
+        model.get_anomaly_score(scored, n_draws=1)
+
+
+def test_tl_rejects_bad_rates_before_fitting(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=r"doublet_rate must be a fraction .* got 2"):
+        ov.tl.omicvae(synthetic, doublet_rate=2, max_epochs=1, progress_bar=False)
+    assert adata_fingerprint(synthetic) == before
