@@ -196,3 +196,23 @@ def test_tl_rejects_bad_rates_before_fitting(synthetic, adata_fingerprint):
     with pytest.raises(ValueError, match=r"doublet_rate must be a fraction .* got 2"):
         ov.tl.omicvae(synthetic, doublet_rate=2, max_epochs=1, progress_bar=False)
     assert adata_fingerprint(synthetic) == before
+
+
+# ---------------------------------------------------------------------------- plot
+def test_plot_rings_the_flagged_cells(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model, scored, _ = _ood()
+    out = _write(model, scored, contamination=0.1, doublets=False)
+    fig = ov.pl.anomaly(out, kind="anomaly", save=str(tmp_path / "a.png"), show=False)
+    ring = fig.axes[0].collections[1]  # the red circles drawn over the score map
+    assert len(ring.get_offsets()) == out.obs["omicvae_is_anomaly"].sum()
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_plot_errors_name_what_is_missing(synthetic):
+    with pytest.raises(ValueError, match=r"kind='cells' is not one of \['anomaly', 'doublet'\]"):
+        ov.pl.anomaly(synthetic, kind="cells")
+    with pytest.raises(KeyError, match=r"adata holds no doublet results under key 'omicvae'"):
+        ov.pl.anomaly(synthetic, kind="doublet")

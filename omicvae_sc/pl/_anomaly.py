@@ -28,8 +28,10 @@ def anomaly(
     adata: AnnData, *, kind: str = "anomaly", basis: str = "umap", key: str = "omicvae",
     show: bool | None = None, save: str | None = None,
 ) -> plt.Figure:
-    """Plot a score written by ``tl.omicvae``: the embedding coloured by it with flagged cells
-    ringed, and its histogram with the flagging threshold.
+    """Plot an anomaly or doublet score with its flags, next to the score histogram.
+
+    The embedding is coloured by the score written by ``tl.omicvae``, flagged cells are
+    ringed in red, and the histogram marks the flagging threshold.
 
     Parameters
     ----------
