@@ -6,6 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.pl._utils import finish
+
 KINDS = ("anomaly", "doublet")
 
 
@@ -91,8 +93,4 @@ def anomaly(
     ax_hist.set_ylabel("cells")
     ax_hist.set_yscale("log")
     fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120)
-    if show or (show is None and save is None):
-        plt.show()
-    return fig
+    return finish(fig, show=show, save=save)

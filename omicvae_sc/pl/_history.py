@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.pl._utils import finish
 from omicvae_sc.train import History
 
 
@@ -66,8 +67,4 @@ def training_history(source, *, key: str | None = None, show: bool | None = None
     twin.set_ylabel("KL weight")
     axes[0].legend()
     fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120)
-    if show or (show is None and save is None):
-        plt.show()
-    return fig
+    return finish(fig, show=show, save=save)
