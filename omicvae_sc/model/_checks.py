@@ -30,6 +30,13 @@ def check_hyperparameters(hparams: dict, setup: AnnDataSetup) -> None:
         raise ValueError(msg)
 
 
+def check_count(name: str, value: int, *, minimum: int = 1) -> None:
+    """``value`` must be an integer of at least ``minimum`` (sample and draw counts)."""
+    if not isinstance(value, int | np.integer) or value < minimum:
+        msg = f"{name} must be an integer >= {minimum}, got {value!r}."
+        raise ValueError(msg)
+
+
 def check_same_genes(expected: np.ndarray, found: pd.Index) -> None:
     """The model's genes, in the model's order, must be the AnnData's genes."""
     found = np.asarray(found, dtype=str)

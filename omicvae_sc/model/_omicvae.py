@@ -27,6 +27,7 @@ from omicvae_sc.data import (
 from omicvae_sc.model import _io, _scores
 from omicvae_sc.model._checks import (
     batch_code_of,
+    check_count,
     check_hyperparameters,
     check_same_genes,
     gene_columns,
@@ -361,8 +362,8 @@ class OmicVAE:
         return -(ev.distortion + ev.rate).numpy()
 
     def get_anomaly_score(
-        self, adata: AnnData | None = None, *, n_draws: int = 10, n_samples: int = 10,
-        seed: int = 0,
+        self, adata: AnnData | None = None, *, n_draws: int = _scores.ANOMALY_DRAWS,
+        n_samples: int = _scores.ANOMALY_SAMPLES, seed: int = 0,
     ) -> np.ndarray:
         """Per-cell anomaly score: how unexpected the cell is for a cell of its depth.
 
@@ -392,8 +393,8 @@ class OmicVAE:
         return self._anomaly(self._tensors(adata), n_draws, n_samples, seed)
 
     def _anomaly(self, data: CountTensors, n_draws: int, n_samples: int, seed: int) -> np.ndarray:
-        _check_n_samples(n_draws, minimum=2, name="n_draws")
-        _check_n_samples(n_samples)
+        check_count("n_draws", n_draws, minimum=2)
+        check_count("n_samples", n_samples)
         with seeded(seed, self.device):
             scores = _scores.anomaly_scores(self.module, data, n_draws=n_draws,
                                             n_samples=n_samples)
@@ -443,9 +444,8 @@ class OmicVAE:
         rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
             else expected_rate
         with seeded(seed, self.device):
-            result = _scores.doublet_scores(self.module, data, sim_ratio=sim_ratio,
-                                            n_neighbors=n_neighbors, expected_rate=rate)
-        return result.probability
+            return _scores.doublet_scores(self.module, data, sim_ratio=sim_ratio,
+                                          n_neighbors=n_neighbors, expected_rate=rate)
 
     @torch.inference_mode()
     def posterior_predictive_sample(
@@ -520,7 +520,7 @@ class OmicVAE:
         _scores.check_rate("contamination", contamination)
         _scores.check_rate("doublet_rate", doublet_rate)
         _scores.check_n_mads(n_mads)
-        _check_n_samples(n_samples)
+        check_count("n_samples", n_samples)
         adata = self.adata if adata is None else adata
         data = self._tensors(adata)  # validated and moved to the device once for every output
         ev = self._evaluate(data, n_samples, seed)
@@ -529,7 +529,7 @@ class OmicVAE:
         uns = {"params": {**self.hparams, "n_samples": n_samples, "device": str(self.device)},
                "setup": self.setup.to_dict(), "history": self.history.to_dict()}
         if anomaly:
-            score = self._anomaly(data, 10, min(n_samples, 10), seed)
+            score = self._anomaly(data, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES, seed)
             flags = (_scores.flag_robust(score, n_mads) if contamination is None
                      else _scores.flag_top_fraction(score, contamination))
             obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
@@ -585,10 +585,3 @@ class OmicVAE:
         model.history = History.from_dict(meta["history"])
         model.is_trained = bool(meta["is_trained"])
         return model
-
-
-
-def _check_n_samples(n_samples: int, *, minimum: int = 1, name: str = "n_samples") -> None:
-    if not isinstance(n_samples, int | np.integer) or n_samples < minimum:
-        msg = f"{name} must be an integer >= {minimum}, got {n_samples!r}."
-        raise ValueError(msg)

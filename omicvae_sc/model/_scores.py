@@ -23,6 +23,12 @@ DOUBLETS_PER_THOUSAND_CELLS = 0.008
 
 MAX_DOUBLET_RATE = 0.25
 
+ANOMALY_DRAWS = 10
+"""Generated cells per cell for the anomaly score (their mean and spread calibrate it)."""
+
+ANOMALY_SAMPLES = 10
+"""Importance samples per log p estimate of the anomaly score."""
+
 
 def _chunk_size(n_columns: int) -> int:
     return max(2, CHUNK_ELEMENTS // max(1, n_columns))
@@ -45,15 +51,6 @@ def anomaly_scores(
 
 
 # ---------------------------------------------------------------------------- doublets
-@dataclass(frozen=True)
-class DoubletScores:
-    """``probability``: posterior doublet probability at the prior ``expected_rate``;
-    ``fraction``: share of simulated doublets among each cell's neighbours."""
-
-    probability: np.ndarray  # (cells,)
-    fraction: np.ndarray  # (cells,)
-
-
 def _reference_codes(codes: torch.Tensor | None) -> torch.Tensor | None:
     """Every covariate set to its first category: decoding with these removes covariate effects."""
     return None if codes is None else torch.zeros_like(codes)
@@ -106,7 +103,7 @@ def _knn_fraction(real: torch.Tensor, sim: torch.Tensor, k: int) -> torch.Tensor
 def doublet_scores(
     module: VAE, data: CountTensors, *, sim_ratio: float, n_neighbors: int | None,
     expected_rate: float, n_components: int = 30,
-) -> DoubletScores:
+) -> np.ndarray:
     """Score real cells against doublets simulated from pairs of them.
 
     1. Each real cell is encoded (posterior mean z) and decoded with every covariate at its
@@ -116,16 +113,15 @@ def doublet_scores(
        and pass through the same encoder and decoder as real cells.
     3. In a PCA of the real cells' log expression, each real cell's score is the share of
        simulated doublets among its ``n_neighbors`` nearest neighbours, turned into a posterior
-       probability with the prior ``expected_rate``.
+       probability with the prior ``expected_rate``, returned ``(n_cells,)``.
     """
-    z, lib, codes = [], [], []
-    for x, c in data.batches(_chunk_size(data.n_genes), shuffle=False):
+    step = _chunk_size(data.n_genes)
+    codes = data.codes  # (cells, n_covariates) or None, in cell order
+    z, lib = [], []
+    for x, c in data.batches(step, shuffle=False):
         z.append(module.inference(x, c)[0])
         lib.append(x.sum(-1, keepdim=True))
-        codes.append(c)
     z, lib = torch.cat(z), torch.cat(lib)
-    codes = None if codes[0] is None else torch.cat(codes)
-    step = _chunk_size(data.n_genes)
     real_log = [_log_reference_fractions(module, z[lo:lo + step], _rows(codes, lo, step))
                 for lo in range(0, len(z), step)]
     project = _Projection(real_log, min(n_components, data.n_genes, data.n_cells))
@@ -152,7 +148,7 @@ def doublet_scores(
     # Bayes: neighbour counts estimate the density ratio of doublets to singlets
     doublet = expected_rate * q * data.n_cells
     singlet = (1.0 - expected_rate) * (1.0 - q) * n_sim
-    return DoubletScores(probability=doublet / (doublet + singlet), fraction=q)
+    return doublet / (doublet + singlet)
 
 
 def _rows(codes: torch.Tensor | None, lo: int, step: int) -> torch.Tensor | None:
