@@ -89,6 +89,26 @@ def test_simulated_doublets_score_as_doublets():
     assert truth[np.argsort(score)[-30:]].mean() > 0.5
 
 
+def test_depth_axis_finds_doublets_of_one_type():
+    """Doublets of two cells of the same group differ from singlets mostly in depth: the library
+    axis (default weight 1) ranks them higher than expression alone (weight 0)."""
+    model, _, _ = _with_doublets()
+    data = ov.datasets.synthetic_counts(n_cells=600, n_genes=100, n_groups=3, n_batches=1,
+                                        seed=2)
+    group = data.obs["group"].to_numpy()
+    rng = np.random.default_rng(1)
+    first = rng.choice(data.n_obs, 30, replace=False)
+    second = np.array([rng.choice(np.flatnonzero(group == group[i])) for i in first])
+    x = sp.csr_matrix(data.X)
+    homotypic = ad.AnnData(sp.vstack([x, x[first] + x[second]]).tocsr())
+    homotypic.var_names = data.var_names
+    truth = np.r_[np.zeros(data.n_obs, bool), np.ones(30, bool)]
+    with_depth = roc_auc_score(truth, model.get_doublet_score(homotypic))
+    without = roc_auc_score(truth, model.get_doublet_score(homotypic, library_weight=0.0))
+    assert with_depth > 0.8
+    assert with_depth > without
+
+
 def test_doublet_score_is_seeded():
     model, _, _ = _with_doublets()
     np.testing.assert_array_equal(model.get_doublet_score(seed=3),
@@ -176,8 +196,9 @@ def test_bad_flag_arguments_raise_and_write_nothing(kwargs, match, adata_fingerp
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"expected_rate": 0.5}, r"expected_rate must be a fraction .* got 0.5"),
-    ({"sim_ratio": 0}, r"sim_ratio must be positive .* got sim_ratio=0"),
+    ({"sim_ratio": 0}, r"sim_ratio must be positive, .* got sim_ratio=0"),
     ({"n_neighbors": 0}, r"n_neighbors=0"),
+    ({"library_weight": -1.0}, r"library_weight non-negative; .* library_weight=-1.0"),
 ])
 def test_bad_doublet_arguments_raise(kwargs, match):
     model, _, _ = _with_doublets()

@@ -402,15 +402,17 @@ class OmicVAE:
 
     def get_doublet_score(
         self, adata: AnnData | None = None, *, expected_rate: float | None = None,
-        sim_ratio: float = 2.0, n_neighbors: int | None = None, seed: int = 0,
+        sim_ratio: float = 2.0, n_neighbors: int | None = None, library_weight: float = 1.0,
+        seed: int = 0,
     ) -> np.ndarray:
         """Per-cell doublet probability from doublets simulated out of the cells themselves.
 
         Random pairs of cells of the same batch are combined into doublets by the model: the
         equal mixture of the two cells' decoded expression at the summed observed library,
         counts drawn from the fitted likelihood. Real and simulated cells pass through the same
-        encoder and decoder; in a PCA of the decoded log expression (covariate effects removed),
-        a cell whose neighbourhood is rich in simulated doublets is doublet-like. The share of
+        encoder and decoder; in a PCA of the decoded log expression (covariate effects removed)
+        with the log library size as one more axis, a cell whose neighbourhood is rich in
+        simulated doublets is doublet-like. The share of
         simulated doublets among the ``n_neighbors`` nearest neighbours becomes a posterior
         probability with the prior ``expected_rate``.
 
@@ -425,6 +427,10 @@ class OmicVAE:
             Simulated doublets per real cell.
         n_neighbors
             Neighbours per cell; ``None``: the square root of real plus simulated cells.
+        library_weight
+            Weight of the depth axis, in units of the mean spread of a principal component.
+            Simulated doublets carry the summed library of their two cells, so depth helps where
+            doublets are deeper than singlets (droplet data); 0 compares expression only.
         seed
             Seeds the pairing and the simulated counts.
 
@@ -432,20 +438,25 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array of probabilities; higher is more doublet-like.
         """
-        return self._doublets(self._tensors(adata), expected_rate, sim_ratio, n_neighbors, seed)
+        return self._doublets(self._tensors(adata), expected_rate, seed, sim_ratio=sim_ratio,
+                              n_neighbors=n_neighbors, library_weight=library_weight)
 
-    def _doublets(self, data: CountTensors, expected_rate: float | None, sim_ratio: float,
-                  n_neighbors: int | None, seed: int) -> np.ndarray:
+    def _doublets(self, data: CountTensors, expected_rate: float | None, seed: int, *,
+                  sim_ratio: float = 2.0, n_neighbors: int | None = None,
+                  library_weight: float = 1.0) -> np.ndarray:
         _scores.check_rate("expected_rate", expected_rate)
-        if not sim_ratio > 0 or (n_neighbors is not None and n_neighbors < 1):
-            msg = (f"sim_ratio must be positive and n_neighbors a positive integer or None; got "
-                   f"sim_ratio={sim_ratio!r}, n_neighbors={n_neighbors!r}.")
+        if not sim_ratio > 0 or (n_neighbors is not None and n_neighbors < 1) \
+                or not library_weight >= 0:
+            msg = (f"sim_ratio must be positive, n_neighbors a positive integer or None and "
+                   f"library_weight non-negative; got sim_ratio={sim_ratio!r}, "
+                   f"n_neighbors={n_neighbors!r}, library_weight={library_weight!r}.")
             raise ValueError(msg)
         rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
             else expected_rate
         with seeded(seed, self.device):
             return _scores.doublet_scores(self.module, data, sim_ratio=sim_ratio,
-                                          n_neighbors=n_neighbors, expected_rate=rate)
+                                          n_neighbors=n_neighbors, expected_rate=rate,
+                                          library_weight=library_weight)
 
     @torch.inference_mode()
     def posterior_predictive_sample(
@@ -536,7 +547,7 @@ class OmicVAE:
             uns["anomaly"] = flags.to_dict()
         if doublets:
             rate = doublet_rate or _scores.default_doublet_rate(data.n_cells)
-            score = self._doublets(data, rate, 2.0, None, seed)
+            score = self._doublets(data, rate, seed)
             flags = _scores.flag_top_fraction(score, rate)
             obs |= {"doublet_score": score, "is_doublet": flags.flagged}
             uns["doublet"] = flags.to_dict()

@@ -102,7 +102,7 @@ def _knn_fraction(real: torch.Tensor, sim: torch.Tensor, k: int) -> torch.Tensor
 @torch.no_grad()
 def doublet_scores(
     module: VAE, data: CountTensors, *, sim_ratio: float, n_neighbors: int | None,
-    expected_rate: float, n_components: int = 30,
+    expected_rate: float, library_weight: float = 1.0, n_components: int = 30,
 ) -> np.ndarray:
     """Score real cells against doublets simulated from pairs of them.
 
@@ -111,9 +111,12 @@ def doublet_scores(
     2. ``sim_ratio * n_cells`` doublets are simulated from random pairs of cells of the same
        batch (:meth:`VAE.sample_doublets`, library = the sum of the two observed libraries)
        and pass through the same encoder and decoder as real cells.
-    3. In a PCA of the real cells' log expression, each real cell's score is the share of
-       simulated doublets among its ``n_neighbors`` nearest neighbours, turned into a posterior
-       probability with the prior ``expected_rate``, returned ``(n_cells,)``.
+    3. Cells are placed in a PCA of the real cells' log expression, plus one axis for the log
+       library size (standardized over real cells, then scaled to ``library_weight`` times the
+       mean standard deviation of the principal components; 0 leaves depth out).
+    4. Each real cell's score is the share of simulated doublets among its ``n_neighbors``
+       nearest neighbours, turned into a posterior probability with the prior
+       ``expected_rate``, returned ``(n_cells,)``.
     """
     step = _chunk_size(data.n_genes)
     codes = data.codes  # (cells, n_covariates) or None, in cell order
@@ -133,14 +136,17 @@ def doublet_scores(
     batch = torch.zeros(data.n_cells, dtype=torch.long, device=z.device) if codes is None \
         else codes[:, 0]
     second = _partners(batch, first)
-    sim = []
+    sim, sim_lib = [], []
     for lo in range(0, n_sim, step):
         a, b = first[lo:lo + step], second[lo:lo + step]
         ca, cb = _take(codes, a), _take(codes, b)
         counts = module.sample_doublets(z[a], z[b], lib[a] + lib[b], ca, cb)
         z_sim = module.inference(counts, ca)[0]
         sim.append(project(_log_reference_fractions(module, z_sim, ca)))
+        sim_lib.append(counts.sum(-1, keepdim=True))
     sim = torch.cat(sim)
+    if library_weight > 0:
+        real, sim = _with_depth_axis(real, sim, lib, torch.cat(sim_lib), library_weight)
 
     k = n_neighbors or max(5, round(math.sqrt(len(real) + len(sim))))
     k = min(k, len(real) + len(sim) - 1)
@@ -149,6 +155,17 @@ def doublet_scores(
     doublet = expected_rate * q * data.n_cells
     singlet = (1.0 - expected_rate) * (1.0 - q) * n_sim
     return doublet / (doublet + singlet)
+
+
+def _with_depth_axis(real: torch.Tensor, sim: torch.Tensor, real_lib: torch.Tensor,
+                     sim_lib: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the log library size as one more axis, standardized over real cells and scaled
+    to ``weight`` x the mean spread of the principal components."""
+    log_real, log_sim = real_lib.clamp_min(1).log(), sim_lib.clamp_min(1).log()
+    centre, spread = log_real.mean(), log_real.std().clamp_min(1e-6)
+    scale = weight * real.std(0).mean() / spread
+    return (torch.cat([real, (log_real - centre) * scale], 1),
+            torch.cat([sim, (log_sim - centre) * scale], 1))
 
 
 def _rows(codes: torch.Tensor | None, lo: int, step: int) -> torch.Tensor | None:
