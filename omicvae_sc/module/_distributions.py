@@ -1,7 +1,8 @@
 """Count likelihoods (NB, ZINB, Poisson) as ``torch.distributions.Distribution`` objects.
 
 Every ``log_prob`` is computed in log space; the zero-inflation enters as logits through
-``softplus`` so that neither probabilities nor gradients underflow.
+``softplus`` so that neither probabilities nor gradients underflow. NB and ZINB ``log_prob``
+use the hand-written gradients of :mod:`omicvae_sc.module._nb_kernel`.
 """
 
 from __future__ import annotations
@@ -9,28 +10,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, constraints
 from torch.distributions.constraints import Constraint
 from torch.distributions.utils import broadcast_all
 
+from omicvae_sc.module._nb_kernel import EPS, NBLogProb
+
 __all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "make_count_distribution"]
 
-_EPS = 1e-8  # keeps log() finite at mu -> 0 or theta -> 0
 _MAX_POISSON_RATE = 1e8  # Gamma draws for tiny theta can overflow torch.poisson
 _NO_SAMPLE_SHAPE = torch.Size()  # immutable default for sample(), one draw per batch element
-
-
-def _nb_log_prob(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(log NB(x | mu, theta), log NB(0 | mu, theta))``, both broadcast to one shape."""
-    log_theta_mu_eps = torch.log(theta + mu + _EPS)
-    log_nb_zero = theta * (torch.log(theta + _EPS) - log_theta_mu_eps)
-    # log Γ(x+θ) - log Γ(θ) - log Γ(x+1): the log of the binomial coefficient C(x+θ-1, x)
-    log_binom = torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
-    log_prob = log_nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu_eps) + log_binom
-    return log_prob, log_nb_zero
 
 
 def _nb_sample(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
@@ -64,6 +53,7 @@ class NegativeBinomial(Distribution):
     def __init__(
         self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = False
     ) -> None:
+        self._theta_given = torch.as_tensor(theta, dtype=mu.dtype, device=mu.device)
         self.mu, self.theta = broadcast_all(mu, theta)  # (batch, genes)
         super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
 
@@ -78,7 +68,7 @@ class NegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return _nb_log_prob(value, self.mu, self.theta)[0]
+        return NBLogProb.apply(value, self.mu, self._theta_given, None)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
@@ -117,6 +107,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
         zi_logits: torch.Tensor,
         validate_args: bool | None = False,
     ) -> None:
+        self._theta_given = torch.as_tensor(theta, dtype=mu.dtype, device=mu.device)
         self.mu, self.theta, self.zi_logits = broadcast_all(mu, theta, zi_logits)
         super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
 
@@ -137,14 +128,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        log_nb, log_nb_zero = _nb_log_prob(value, self.mu, self.theta)
-        softplus_neg_zi = F.softplus(-self.zi_logits)
-        # x == 0: log(pi + (1 - pi) NB(0)) = softplus(-zi + log NB(0)) - softplus(-zi)
-        log_zero = F.softplus(-self.zi_logits + log_nb_zero) - softplus_neg_zi
-        # x > 0: log(1 - pi) + log NB(x), with log(1 - pi) = -zi - softplus(-zi)
-        log_nonzero = -self.zi_logits - softplus_neg_zi + log_nb
-        # both branches are finite everywhere, so torch.where passes finite gradients
-        return torch.where(value < 0.5, log_zero, log_nonzero)
+        return NBLogProb.apply(value, self.mu, self._theta_given, self.zi_logits)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
@@ -183,7 +167,10 @@ class Poisson(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return value * torch.log(self.rate + _EPS) - self.rate - torch.lgamma(value + 1)
+        idx = torch.nonzero(value > 0, as_tuple=True)
+        with torch.no_grad():  # log x!, on the non-zero counts only
+            log_fact = torch.zeros_like(value).index_put(idx, torch.lgamma(value[idx] + 1))
+        return value * torch.log(self.rate + EPS) - self.rate - log_fact
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""NB and ZINB log-probabilities with hand-written gradients.
+
+Autograd through the textbook formula records about 25 elementwise operations on every
+``(batch, genes)`` entry and as many again in the backward pass; on a CPU that, not the matrix
+products, bounds a training step. :class:`NBLogProb` computes the same values with the
+gradients in closed form: about ten elementwise passes backward. The lgamma / digamma terms
+vanish where x = 0 and run on the non-zero counts only (most counts are 0).
+
+Notation per entry: x count, mu NB mean, θ inverse dispersion, z zero-inflation logit,
+``inv = 1 / (θ + mu + eps)``, ``lt = log(θ + mu + eps)``, ``lnb0 = θ (log(θ + eps) - lt)``
+(log NB(0)).
+
+- NB: ``f = lnb0 + x (log(mu + eps) - lt) + B(x, θ)``, B the log binomial coefficient.
+- ZINB, x > 0: ``f = -z - softplus(-z) + NB``; x = 0: ``f = softplus(lnb0 - z) - softplus(-z)``.
+
+With ``w = 1`` for NB and for x > 0, and ``w = sigmoid(lnb0 - z)`` for a ZINB zero:
+
+- ``df/dmu = x / (mu + eps) - (w θ + x) inv``
+- ``df/dθ = w (log(θ + eps) - lt + θ / (θ + eps) - θ inv) - x inv + dB/dθ``
+- ``df/dz = sigmoid(-z) - w`` (ZINB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8  # keeps log() finite at mu -> 0 or theta -> 0
+
+
+def pick(t: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Elements of ``t`` at ``idx`` (indices into a broadcast shape), without materializing
+    the broadcast: size-1 dimensions are indexed at 0."""
+    t = t.reshape((1,) * (len(idx) - t.dim()) + t.shape)
+    return t[tuple(i if n > 1 else 0 for i, n in zip(idx, t.shape, strict=True))]
+
+
+def log_binom(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """log C(x + θ - 1, x) = lgamma(x + θ) - lgamma(θ) - lgamma(x + 1), broadcast over x, θ;
+    0 where x = 0, so the lgamma calls run on the non-zero counts only."""
+    shape = torch.broadcast_shapes(x.shape, theta.shape)
+    idx = torch.nonzero(x.expand(shape) > 0, as_tuple=True)
+    values = _log_binom_at(pick(x, idx), theta, idx)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_put(idx, values)
+
+
+def _log_binom_at(xv: torch.Tensor, theta: torch.Tensor, idx) -> torch.Tensor:
+    # lgamma(θ) on θ's own (small) shape, then picked: not once per non-zero count
+    tv = pick(theta, idx)
+    return torch.lgamma(xv + tv) - pick(torch.lgamma(theta), idx) - torch.lgamma(xv + 1)
+
+
+def _sum_into(shape: torch.Size, idx: tuple[torch.Tensor, ...], values: torch.Tensor
+              ) -> torch.Tensor:
+    """Sum ``values`` (one per index of ``idx``) into a tensor of ``shape`` (size-1 dimensions
+    of ``shape`` collect every index)."""
+    padded = (1,) * (len(idx) - len(shape)) + tuple(shape)
+    flat = torch.zeros_like(idx[-1])
+    for i, n in zip(idx, padded, strict=True):
+        flat = flat * n + (i if n > 1 else 0)
+    out = torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device)
+    return out.index_add_(0, flat, values).view(shape)
+
+
+class NBLogProb(torch.autograd.Function):
+    """Elementwise log NB(x | mu, θ), or log ZINB(x | mu, θ, z) when ``zi_logits`` is given.
+
+    ``mu`` (and ``zi_logits``) may carry leading sample dimensions that ``x`` lacks; ``theta``
+    keeps its own (small) shape and its gradient is summed to it. Terms that need x are
+    computed at the non-zero counts only; dense passes cover the x = 0 case.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mu, theta, zi_logits):  # noqa: D102 (documented on the class)
+        full = torch.broadcast_shapes(*(t.shape for t in (x, mu, theta, zi_logits)
+                                        if t is not None))
+        if x.shape != full[len(full) - x.dim():] or theta.dim() > x.dim():
+            x = x.expand(full).contiguous()  # general broadcasting: x gets every dimension
+        idx = torch.nonzero(x > 0, as_tuple=True)  # (nnz,) per dimension of x
+        sel = (Ellipsis, *idx)  # the same entries in every leading sample dimension
+        xv = x[idx]  # (nnz,)
+        total = mu + (theta + EPS)  # θ + mu + eps
+        lt = torch.log(total)
+        lnb0 = theta * (torch.log(theta + EPS) - lt)  # log NB(0)
+        nz = (lnb0.expand(full)[sel] + xv * (torch.log(mu.expand(full)[sel] + EPS)
+                                              - lt.expand(full)[sel])
+              + _log_binom_at(xv, theta, idx))  # (..., nnz) log NB(x) at x > 0
+        w = None
+        if zi_logits is None:
+            f = lnb0.expand(full).clone()
+        else:
+            a = lnb0 - zi_logits
+            sp_neg_z = F.softplus(-zi_logits)
+            f = (F.softplus(a) - sp_neg_z).expand(full).contiguous()
+            nz = nz - (zi_logits + sp_neg_z).expand(full)[sel]
+            w = torch.sigmoid(a).expand(full).contiguous()
+            w[sel] = 1.0
+        f[sel] = nz
+        ctx.save_for_backward(x, mu, theta, zi_logits, total, lt, w, xv, *idx)
+        return f
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, mu, theta, zi_logits, total, lt, w, xv, *idx = ctx.saved_tensors
+        sel = (Ellipsis, *idx)
+        inv = torch.reciprocal(total)
+        r = theta * inv  # θ / (θ + mu + eps)
+        g_nz = grad[sel]  # (..., nnz)
+        inv_nz = inv.expand(grad.shape)[sel]
+        grad_mu = -grad * (r if w is None else w * r)  # x = 0 entries
+        tv = pick(theta, idx)
+        grad_mu[sel] = g_nz * (xv / (mu.expand(grad.shape)[sel] + EPS) - (tv + xv) * inv_nz)
+        grad_mu = grad_mu.sum_to_size(mu.shape)
+        grad_theta = grad_zi = None
+        if ctx.needs_input_grad[2]:
+            d_lnb0 = (torch.log(theta + EPS) + theta / (theta + EPS)) - lt - r
+            dense = (grad * (d_lnb0 if w is None else w * d_lnb0)).sum_to_size(theta.shape)
+            extra = g_nz * (torch.digamma(xv + tv) - torch.digamma(tv) - xv * inv_nz)
+            extra = extra.reshape(-1, extra.shape[-1]).sum(0)  # over sample dimensions
+            grad_theta = dense + _sum_into(theta.shape, idx, extra)
+        if zi_logits is not None and ctx.needs_input_grad[3]:
+            grad_zi = (grad * (torch.sigmoid(-zi_logits) - w)).sum_to_size(zi_logits.shape)
+        return None, grad_mu, grad_theta, grad_zi
