@@ -15,6 +15,7 @@ Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--n-mc-samples", type=int, default=100, help="importance samples K")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the package's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the package's")
+    parser.add_argument("--defaults", action="store_true",
+                        help="train() with every default: epochs, validation split, early "
+                             "stopping (--epochs, --batch-size and --lr are ignored)")
+    parser.add_argument("--time-inference", action="store_true",
+                        help="also time latents for every train cell and log p(x) (K=100) "
+                             "for the first 10,000")
     return parser.parse_args()
 
 
@@ -43,7 +52,10 @@ def main() -> None:
     from omicvae_sc import OmicVAE
 
     torch.set_num_threads(args.threads)
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
     train, test = ad.read_h5ad(args.train), ad.read_h5ad(args.test)
+    x = train.layers["counts"]
+    csr_mb = sum(a.nbytes for a in (x.data, x.indices, x.indptr)) / 2**20
 
     OmicVAE.setup_anndata(train, layer="counts")
     model = OmicVAE(
@@ -56,15 +68,25 @@ def main() -> None:
         seed=args.seed,
     )
     start = time.perf_counter()
-    history = model.train(
-        max_epochs=args.epochs,
-        batch_size=128,
-        validation_fraction=0.0,
-        seed=args.seed,
-        progress_bar=False,
-    )
+    if args.defaults:
+        history = model.train(seed=args.seed, progress_bar=False)
+    else:
+        opts = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr))
+                if v is not None}
+        history = model.train(max_epochs=args.epochs, validation_fraction=0.0, seed=args.seed,
+                              progress_bar=False, **opts)
     train_seconds = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     epochs = len(history)  # History holds one entry per epoch run
+    inference = {}
+    if args.time_inference:
+        t0 = time.perf_counter()
+        model.get_latent_representation(train)
+        t1 = time.perf_counter()
+        model.get_marginal_ll(train[: min(10_000, train.n_obs)].copy(), n_samples=100)
+        inference = {"latent_seconds": t1 - t0, "latent_cells": train.n_obs,
+                     "marginal_ll_seconds": time.perf_counter() - t1,
+                     "marginal_ll_cells": min(10_000, train.n_obs)}
 
     z_train = np.asarray(model.get_latent_representation(train))
     z_test = np.asarray(model.get_latent_representation(test))
@@ -81,6 +103,12 @@ def main() -> None:
         obs_train=np.asarray(train.obs_names, dtype=str),
         obs_test=np.asarray(test.obs_names, dtype=str),
         train_seconds=train_seconds,
+        peak_rss_mb=peak_rss_mb,
+        rss_base_mb=rss_base,
+        csr_mb=csr_mb,
+        model_mb=sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20,
+        n_train=train.n_obs,
+        **inference,
         epochs=epochs,
         tool="omicvae_sc",
         version=omicvae_sc.__version__,

@@ -16,6 +16,7 @@ Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--n-mc-samples", type=int, default=100, help="importance samples K")
+    parser.add_argument("--batch-size", type=int, default=128, help="scvi-tools' default: 128")
     return parser.parse_args()
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
     scvi.settings.seed = args.seed
     train, test = ad.read_h5ad(args.train), ad.read_h5ad(args.test)
 
@@ -62,11 +65,12 @@ def main() -> None:
     model.train(
         max_epochs=args.epochs,
         train_size=1.0,
-        batch_size=128,
+        batch_size=args.batch_size,
         accelerator="cpu",
         enable_progress_bar=False,
     )
     train_seconds = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     epochs = len(model.history["elbo_train"])
 
     z_train = model.get_latent_representation(train)
@@ -84,6 +88,9 @@ def main() -> None:
         obs_train=np.asarray(train.obs_names, dtype=str),
         obs_test=np.asarray(test.obs_names, dtype=str),
         train_seconds=train_seconds,
+        peak_rss_mb=peak_rss_mb,
+        rss_base_mb=rss_base,
+        n_train=train.n_obs,
         epochs=epochs,
         tool="scvi-tools",
         version=scvi.__version__,

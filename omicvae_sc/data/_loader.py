@@ -1,7 +1,8 @@
 """Counts -> minibatches of torch tensors on the model's device.
 
 Small data is held densely on the device (one gather per minibatch, no host work in the step);
-larger data stays CSR on the device and each minibatch is densified there.
+larger data stays CSR on the device and each minibatch is densified there. On the CPU the
+dense copy is kept only for small data, so host memory stays near the size of the CSR matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import scipy.sparse as sp
 import torch
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
-"""Hold the counts densely on the device when the dense float32 matrix is at most this large."""
+"""Hold the counts densely on an accelerator when the dense float32 matrix is at most this large."""
+
+CPU_DENSE_LIMIT_BYTES = 64 * 1024**2
+"""On the CPU (host memory), the dense limit: above it the CSR matrix is kept as it is."""
 
 
 class CountTensors:
@@ -29,14 +33,18 @@ class CountTensors:
     device
         Where the tensors live.
     dense_limit_bytes
-        Above this dense size the counts are kept as CSR and densified per minibatch.
+        Above this dense size the counts are kept as CSR and densified per minibatch;
+        default: ``DENSE_LIMIT_BYTES`` on an accelerator, ``CPU_DENSE_LIMIT_BYTES`` on the CPU.
     """
 
     def __init__(
         self, counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
-        device: torch.device | str = "cpu", *, dense_limit_bytes: int = DENSE_LIMIT_BYTES,
+        device: torch.device | str = "cpu", *, dense_limit_bytes: int | None = None,
     ):
         self.device = torch.device(device)
+        if dense_limit_bytes is None:
+            dense_limit_bytes = (CPU_DENSE_LIMIT_BYTES if self.device.type == "cpu"
+                                 else DENSE_LIMIT_BYTES)
         self.n_cells, self.n_genes = counts.shape
         self.codes = None if codes is None else torch.as_tensor(codes, device=self.device)
         self.dense: torch.Tensor | None = None
@@ -45,9 +53,12 @@ class CountTensors:
             self.dense = torch.as_tensor(arr, dtype=torch.float32, device=self.device)
         else:
             csr = sp.csr_matrix(counts)
+            # no copy where the dtypes already match (int32 gene indices, float32 counts)
             self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
-            self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=self.device)
-            self.values = torch.as_tensor(csr.data, dtype=torch.float32, device=self.device)
+            self.indices = torch.as_tensor(csr.indices.astype(np.int32, copy=False),
+                                           device=self.device)
+            self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False),
+                                          device=self.device)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``."""

@@ -95,8 +95,9 @@ class NBLogProb(torch.autograd.Function):
             sp_neg_z = F.softplus(-zi_logits)
             f = (F.softplus(a) - sp_neg_z).expand(full).contiguous()
             nz = nz - (zi_logits + sp_neg_z).expand(full)[sel]
-            w = torch.sigmoid(a).expand(full).contiguous()
-            w[sel] = 1.0
+            if any(ctx.needs_input_grad):  # the weights of the gradient, not of the value
+                w = torch.sigmoid(a).expand(full).contiguous()
+                w[sel] = 1.0
         f[sel] = nz
         ctx.save_for_backward(x, mu, theta, zi_logits, total, lt, w, xv, *idx)
         return f

@@ -1,0 +1,168 @@
+"""Training and inference speed: omicvae_sc against scvi-tools 1.4.2, side by side in one run.
+
+Both tools train the same architecture (10 latent dimensions, one hidden layer of 128, dropout
+0.1, ZINB) through their runners (``_run_omicvae.py`` in this venv, ``_run_scvi.py`` in the
+scvi-tools venv), one subprocess per fit, alternating tool by tool. Printed per fit: epochs,
+train seconds, seconds per epoch, training cells/s (train cells x epochs / train seconds), peak
+resident memory, held-out importance-weighted log p(x) (K=100), and the ratios to scvi-tools.
+
+Parts (``--parts``):
+
+``pbmc3k``
+    pbmc3k, 2,000 HVGs, 10% of cells held out (``_prep.py``). Both tools train ``--epochs``
+    epochs (default 400, scvi-tools' own default at this size): scvi-tools with its default
+    batch of 128, omicvae_sc once per ``--batch-sizes`` (learning rate 1e-3 x sqrt(batch / 128)).
+    Then omicvae_sc with every default (validation split, early stopping): its wall time and
+    held-out log p(x) beside scvi-tools' (time-to-quality).
+``large``
+    ``--large-cells`` cells resampled from pbmc3k's training cells (drawn with replacement, each
+    count thinned binomially with a per-cell keep probability in [0.5, 1]); one epoch of each
+    tool (cells/s, peak memory beside the CSR size); then omicvae_sc's inference: latents for
+    every cell and log p(x) with K=100 for 10,000 cells.
+
+Run from the project root::
+
+    python benchmarks/speed.py --scvi-python /work/venvs/scvi/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from _prep import data_path, prepare
+
+HERE = Path(__file__).resolve().parent
+
+
+def resample(adata: ad.AnnData, n_cells: int, seed: int = 0) -> ad.AnnData:
+    """``n_cells`` cells drawn with replacement from ``adata``, counts binomially thinned."""
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(adata.layers["counts"])[rng.integers(adata.n_obs, size=n_cells)]
+    keep = rng.uniform(0.5, 1.0, n_cells)
+    x.data = rng.binomial(x.data.astype(np.int64), np.repeat(keep, np.diff(x.indptr)))
+    x.data = x.data.astype(np.float32)
+    x.eliminate_zeros()
+    out = ad.AnnData(x, var=adata.var[[]])
+    out.obs_names = [f"cell{i}" for i in range(n_cells)]
+    out.layers["counts"] = out.X
+    return out
+
+
+def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -> dict:
+    python = sys.executable if tool == "omicvae_sc" else args.scvi_python
+    runner = HERE / ("_run_omicvae.py" if tool == "omicvae_sc" else "_run_scvi.py")
+    cmd = [python, str(runner), "--train", str(train), "--test", str(test), "--out", str(out),
+           "--seed", str(args.seed), "--threads", str(args.threads), *extra]
+    subprocess.run(cmd, check=True)
+    z = np.load(out)
+    row = {k: z[k].item() for k in z.files if z[k].ndim == 0 and k not in ("tool", "version")}
+    row["ll_test"] = float(z["ll_test"].mean())
+    row["cells_per_s"] = row["n_train"] * row["epochs"] / row["train_seconds"]
+    row["s_per_epoch"] = row["train_seconds"] / row["epochs"]
+    return row
+
+
+def prepared(tmp: Path) -> tuple[ad.AnnData, tuple[Path, Path]]:
+    """pbmc3k train cells, and the paths of the written train and test files."""
+    paths = (tmp / "train.h5ad", tmp / "test.h5ad")
+    train, test = prepare(data_path("pbmc3k.h5ad"))
+    train.write_h5ad(paths[0])
+    test.write_h5ad(paths[1])
+    return train, paths
+
+
+def part_pbmc3k(args, tmp: Path) -> list[dict]:
+    _, paths = prepared(tmp)
+    rows = []
+    for rep in range(args.repeats):
+        if args.scvi_python:
+            rows.append({"fit": f"scvi-tools, batch 128, {args.epochs} epochs", "repeat": rep,
+                         **fit("scvi", *paths, tmp / "s.npz", args,
+                               ["--epochs", str(args.epochs)])})
+        for bs in args.batch_sizes:
+            lr = 1e-3 * math.sqrt(bs / 128)
+            rows.append({"fit": f"omicvae_sc, batch {bs}, lr {lr:.2g}, {args.epochs} epochs",
+                         "repeat": rep,
+                         **fit("omicvae_sc", *paths, tmp / "o.npz", args,
+                               ["--epochs", str(args.epochs), "--batch-size", str(bs),
+                                "--lr", str(lr)])})
+        rows.append({"fit": "omicvae_sc, all defaults (early stopping)", "repeat": rep,
+                     **fit("omicvae_sc", *paths, tmp / "o.npz", args, ["--defaults"])})
+    return rows
+
+
+def part_large(args, tmp: Path) -> list[dict]:
+    train, _ = prepared(tmp)
+    big = resample(train, args.large_cells, args.seed)
+    path = tmp / "large.h5ad"
+    big.write_h5ad(path)
+    del big
+    rows = []
+    if args.scvi_python:
+        rows.append({"fit": f"scvi-tools, {args.large_cells} cells, batch 128, 1 epoch",
+                     **fit("scvi", path, tmp / "test.h5ad", tmp / "s.npz", args,
+                           ["--epochs", "1"])})
+    for bs in args.batch_sizes:
+        lr = 1e-3 * math.sqrt(bs / 128)
+        rows.append({"fit": f"omicvae_sc, {args.large_cells} cells, batch {bs}, 1 epoch",
+                     **fit("omicvae_sc", path, tmp / "test.h5ad", tmp / "o.npz", args,
+                           ["--epochs", "1", "--batch-size", str(bs), "--lr", str(lr),
+                            "--time-inference"])})
+    return rows
+
+
+def report(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    df["extra_rss_mb"] = df["peak_rss_mb"] - df["rss_base_mb"]
+    cols = ["fit", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
+            "peak_rss_mb", "extra_rss_mb", "csr_mb", "model_mb", "latent_seconds",
+            "marginal_ll_seconds"]
+    df = df[[c for c in cols if c in df]]
+    scvi = df[df["fit"].str.startswith("scvi")]
+    for kind in ("pbmc3k", "large"):
+        ref = scvi[scvi["fit"].str.contains("cells") == (kind == "large")]
+        mine = df["fit"].str.contains("cells") == (kind == "large")
+        if len(ref):
+            df.loc[mine, "speed_ratio"] = df.loc[mine, "cells_per_s"] / ref["cells_per_s"].mean()
+            df.loc[mine, "wall_ratio"] = ref["train_seconds"].mean() / df.loc[mine,
+                                                                            "train_seconds"]
+    return df
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=["pbmc3k", "large"],
+                        default=["pbmc3k", "large"])
+    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--large-cells", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scvi-python", default=os.environ.get("SCVI_PYTHON"),
+                        help="python of the scvi-tools venv (scvi-tools is skipped without it)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in args.parts:
+            rows += (part_pbmc3k if part == "pbmc3k" else part_large)(args, Path(tmp))
+            df = report(rows)
+            print(df.to_string(index=False, float_format="%.3f"), flush=True)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    print(f"\nload average {os.getloadavg()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
