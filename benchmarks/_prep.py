@@ -30,6 +30,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 
 
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident memory, MiB. Unlike
+    ``ru_maxrss``, which a child inherits from the parent that forked it, VmHWM starts afresh
+    at exec."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024
+
+
 def data_path(filename: str = "pbmc3k.h5ad") -> Path:
     """Path of a shared data file: ``$OMICVAE_SC_DATA/<filename>`` or ``../shared/data/...``."""
     folder = Path(os.environ.get("OMICVAE_SC_DATA", DEFAULT_DATA_DIR))

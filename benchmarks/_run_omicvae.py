@@ -15,12 +15,12 @@ Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+from _prep import rss_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +52,7 @@ def main() -> None:
     from omicvae_sc import OmicVAE
 
     torch.set_num_threads(args.threads)
-    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
+    rss_base = rss_mb()  # imports only
     train, test = ad.read_h5ad(args.train), ad.read_h5ad(args.test)
     x = train.layers["counts"]
     csr_mb = sum(a.nbytes for a in (x.data, x.indices, x.indptr)) / 2**20
@@ -67,6 +67,7 @@ def main() -> None:
         likelihood=args.likelihood,
         seed=args.seed,
     )
+    rss_before_train = rss_mb("VmRSS")  # data loaded and set up
     start = time.perf_counter()
     if args.defaults:
         history = model.train(seed=args.seed, progress_bar=False)
@@ -76,7 +77,7 @@ def main() -> None:
         history = model.train(max_epochs=args.epochs, validation_fraction=0.0, seed=args.seed,
                               progress_bar=False, **opts)
     train_seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = rss_mb()
     epochs = len(history)  # History holds one entry per epoch run
     inference = {}
     if args.time_inference:
@@ -103,7 +104,8 @@ def main() -> None:
         obs_train=np.asarray(train.obs_names, dtype=str),
         obs_test=np.asarray(test.obs_names, dtype=str),
         train_seconds=train_seconds,
-        peak_rss_mb=peak_rss_mb,
+        peak_rss_mb=peak_mb,
+        rss_before_train_mb=rss_before_train,
         rss_base_mb=rss_base,
         csr_mb=csr_mb,
         model_mb=sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20,

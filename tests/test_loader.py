@@ -40,3 +40,31 @@ def test_every_cell_once_and_no_single_cell_batch(n_cells, batch_size):
     np.testing.assert_array_equal(torch.cat(batches).numpy(), dense)
     if n_cells > 1:
         assert min(len(b) for b in batches) >= 2
+
+
+def test_cpu_keeps_large_data_as_csr_without_copying(monkeypatch):
+    """Host memory: above the CPU dense limit the counts stay CSR, and float32 counts with int32
+    indices are shared with the scipy matrix, not copied."""
+    from omicvae_sc.data import _loader
+
+    counts = sp.random(300, 40, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    counts.data = np.ceil(counts.data * 5)
+    monkeypatch.setattr(_loader, "CPU_DENSE_LIMIT_BYTES", 300 * 40 * 4 - 1)
+    held = CountTensors(counts, None, "cpu")
+    assert held.dense is None
+    assert np.shares_memory(held.values.numpy(), counts.data)
+    assert np.shares_memory(held.indices.numpy(), counts.indices)
+    monkeypatch.setattr(_loader, "CPU_DENSE_LIMIT_BYTES", 300 * 40 * 4)
+    assert CountTensors(counts, None, "cpu").dense is not None
+
+
+@pytest.mark.parametrize("dense_limit_bytes", [0, 2**30])
+def test_a_subset_of_cells_serves_those_rows(dense_limit_bytes):
+    counts = sp.random(50, 8, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    codes = np.arange(50)[:, None] % 3
+    cells = np.array([7, 3, 41, 20, 0])
+    held = CountTensors(counts, codes, "cpu", dense_limit_bytes=dense_limit_bytes, cells=cells)
+    (x, c), = held.batches(10, shuffle=False)
+    np.testing.assert_array_equal(x.numpy(), counts[cells].toarray())
+    np.testing.assert_array_equal(c.numpy(), codes[cells])
+    assert held.n_cells == 5

@@ -35,21 +35,33 @@ class CountTensors:
     dense_limit_bytes
         Above this dense size the counts are kept as CSR and densified per minibatch;
         default: ``DENSE_LIMIT_BYTES`` on an accelerator, ``CPU_DENSE_LIMIT_BYTES`` on the CPU.
+    cells
+        Rows of ``counts`` and ``codes`` to serve (default: all). A dense holder copies them; a
+        CSR holder indexes the full matrix per minibatch, so a train / validation split of a
+        large matrix copies no counts.
     """
 
     def __init__(
         self, counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
         device: torch.device | str = "cpu", *, dense_limit_bytes: int | None = None,
+        cells: np.ndarray | None = None,
     ):
         self.device = torch.device(device)
         if dense_limit_bytes is None:
             dense_limit_bytes = (CPU_DENSE_LIMIT_BYTES if self.device.type == "cpu"
                                  else DENSE_LIMIT_BYTES)
-        self.n_cells, self.n_genes = counts.shape
-        self.codes = None if codes is None else torch.as_tensor(codes, device=self.device)
+        self.n_cells, self.n_genes = counts.shape if cells is None else (len(cells),
+                                                                          counts.shape[1])
+        if codes is not None:
+            codes = codes if cells is None else codes[cells]
+            self.codes = torch.as_tensor(codes, device=self.device)
+        else:
+            self.codes = None
         self.dense: torch.Tensor | None = None
+        self._cells: torch.Tensor | None = None  # CSR rows served, when not all
         if self.n_cells * self.n_genes * 4 <= dense_limit_bytes:
-            arr = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+            part = counts if cells is None else counts[cells]
+            arr = part.toarray() if sp.issparse(part) else np.asarray(part)
             self.dense = torch.as_tensor(arr, dtype=torch.float32, device=self.device)
         else:
             csr = sp.csr_matrix(counts)
@@ -59,11 +71,16 @@ class CountTensors:
                                            device=self.device)
             self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False),
                                           device=self.device)
+            if cells is not None:
+                self._cells = torch.as_tensor(np.asarray(cells, dtype=np.int64),
+                                              device=self.device)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``."""
         if self.dense is not None:
             return self.dense[idx]
+        if self._cells is not None:
+            idx = self._cells[idx]
         start, stop = self.indptr[idx], self.indptr[idx + 1]
         lengths = stop - start  # (batch,) non-zeros per cell
         total = int(lengths.sum())

@@ -221,8 +221,7 @@ class OmicVAE:
                              patience=patience, progress_bar=progress_bar)
         counts, codes = self._host_data(None)
         train_data, val_data = (
-            CountTensors(counts[idx], None if codes is None else codes[idx], self.device)
-            if len(idx) else None
+            CountTensors(counts, codes, self.device, cells=idx) if len(idx) else None
             for idx in (train_idx, val_idx)
         )
         generator = torch.Generator().manual_seed(seed)
