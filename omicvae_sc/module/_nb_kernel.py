@@ -73,7 +73,7 @@ class NBLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits):  # noqa: D102 (documented on the class)
+    def forward(ctx, x, mu, theta, zi_logits):
         full = torch.broadcast_shapes(*(t.shape for t in (x, mu, theta, zi_logits)
                                         if t is not None))
         if x.shape != full[len(full) - x.dim():] or theta.dim() > x.dim():
@@ -99,12 +99,12 @@ class NBLogProb(torch.autograd.Function):
                 w = torch.sigmoid(a).expand(full).contiguous()
                 w[sel] = 1.0
         f[sel] = nz
-        ctx.save_for_backward(x, mu, theta, zi_logits, total, lt, w, xv, *idx)
+        ctx.save_for_backward(mu, theta, zi_logits, total, lt, w, xv, *idx)
         return f
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        x, mu, theta, zi_logits, total, lt, w, xv, *idx = ctx.saved_tensors
+    def backward(ctx, grad):
+        mu, theta, zi_logits, total, lt, w, xv, *idx = ctx.saved_tensors
         sel = (Ellipsis, *idx)
         inv = torch.reciprocal(total)
         r = theta * inv  # θ / (θ + mu + eps)
