@@ -37,16 +37,9 @@ def pick(t: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return t[tuple(i if n > 1 else 0 for i, n in zip(idx, t.shape, strict=True))]
 
 
-def log_binom(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """log C(x + θ - 1, x) = lgamma(x + θ) - lgamma(θ) - lgamma(x + 1), broadcast over x, θ;
-    0 where x = 0, so the lgamma calls run on the non-zero counts only."""
-    shape = torch.broadcast_shapes(x.shape, theta.shape)
-    idx = torch.nonzero(x.expand(shape) > 0, as_tuple=True)
-    values = _log_binom_at(pick(x, idx), theta, idx)
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_put(idx, values)
-
-
 def _log_binom_at(xv: torch.Tensor, theta: torch.Tensor, idx) -> torch.Tensor:
+    """log C(x + θ - 1, x) = lgamma(x + θ) - lgamma(θ) - lgamma(x + 1) at the non-zero counts
+    ``xv`` (positions ``idx``); the term is 0 where x = 0."""
     # lgamma(θ) on θ's own (small) shape, then picked: not once per non-zero count
     tv = pick(theta, idx)
     return torch.lgamma(xv + tv) - pick(torch.lgamma(theta), idx) - torch.lgamma(xv + 1)
