@@ -38,8 +38,9 @@ from omicvae_sc.train import History, TrainConfig, default_max_epochs, fit
 
 CHUNK_ELEMENTS = 2**19
 """Outputs (latents, expression, log p(x)) work on chunks of at most about this many numbers
-(cells x genes x samples): 2 MB of float32 per tensor stays in cache, and on the CPU that made
-log p(x) with K=100 about 2.5x faster than chunks of 2**25 (``benchmarks/speed.py``)."""
+(cells x genes x samples): 2 MB of float32 per tensor stays in cache. On the project's 2-core
+CPU that made log p(x) with K=100 about 2.5x faster than chunks of 2**25 (a scratch timing on
+pbmc3k, see benchmarks/README.md)."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
