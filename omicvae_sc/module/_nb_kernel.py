@@ -22,6 +22,7 @@ With ``w = 1`` for NB and for x > 0, and ``w = sigmoid(lnb0 - z)`` for a ZINB ze
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,18 @@ def pick(t: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
     the broadcast: size-1 dimensions are indexed at 0."""
     t = t.reshape((1,) * (len(idx) - t.dim()) + t.shape)
     return t[tuple(i if n > 1 else 0 for i, n in zip(idx, t.shape, strict=True))]
+
+
+def _flat_at(t: torch.Tensor, shape: torch.Size, n_lead: int, flat: torch.Tensor
+             ) -> torch.Tensor:
+    """Entries of ``t`` (broadcast to ``shape``) at the flat positions ``flat`` of the
+    dimensions after the first ``n_lead`` (the sample dimensions x lacks): ``(*lead, nnz)``."""
+    return t.expand(shape).reshape(*shape[:n_lead], -1).index_select(-1, flat)
+
+
+def _mul_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b``, in place in ``a`` (no new allocation) where the result has ``a``'s shape."""
+    return a.mul_(b) if torch.broadcast_shapes(a.shape, b.shape) == a.shape else a * b
 
 
 def _log_binom_at(xv: torch.Tensor, theta: torch.Tensor, idx) -> torch.Tensor:
@@ -62,7 +75,8 @@ class NBLogProb(torch.autograd.Function):
 
     ``mu`` (and ``zi_logits``) may carry leading sample dimensions that ``x`` lacks; ``theta``
     keeps its own (small) shape and its gradient is summed to it. Terms that need x are
-    computed at the non-zero counts only; dense passes cover the x = 0 case.
+    computed at the non-zero counts only (gathered by flat position); dense passes cover the
+    x = 0 case.
     """
 
     @staticmethod
@@ -71,49 +85,59 @@ class NBLogProb(torch.autograd.Function):
                                         if t is not None))
         if x.shape != full[len(full) - x.dim():] or theta.dim() > x.dim():
             x = x.expand(full).contiguous()  # general broadcasting: x gets every dimension
-        idx = torch.nonzero(x > 0, as_tuple=True)  # (nnz,) per dimension of x
-        sel = (Ellipsis, *idx)  # the same entries in every leading sample dimension
-        xv = x[idx]  # (nnz,)
+        n_lead = len(full) - x.dim()  # sample dimensions of mu that x lacks
+        flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)  # (nnz,) positions within x
+        idx = torch.unravel_index(flat, x.shape)  # the same, per dimension of x
+        xv = x.reshape(-1).index_select(0, flat)  # (nnz,)
         total = mu + (theta + EPS)  # θ + mu + eps
         lt = torch.log(total)
         lnb0 = theta * (torch.log(theta + EPS) - lt)  # log NB(0)
-        nz = (lnb0.expand(full)[sel] + xv * (torch.log(mu.expand(full)[sel] + EPS)
-                                              - lt.expand(full)[sel])
-              + _log_binom_at(xv, theta, idx))  # (..., nnz) log NB(x) at x > 0
+        at = functools.partial(_flat_at, shape=full, n_lead=n_lead, flat=flat)
+        nz = (at(lnb0) + xv * (torch.log(at(mu) + EPS) - at(lt))
+              + _log_binom_at(xv, theta, idx))  # (*lead, nnz) log NB(x) at x > 0
         w = None
         if zi_logits is None:
-            f = lnb0.expand(full).clone()
+            f = lnb0.expand(full).contiguous()
         else:
             a = lnb0 - zi_logits
             sp_neg_z = F.softplus(-zi_logits)
             f = (F.softplus(a) - sp_neg_z).expand(full).contiguous()
-            nz = nz - (zi_logits + sp_neg_z).expand(full)[sel]
+            nz = nz - at(zi_logits + sp_neg_z)
             if any(ctx.needs_input_grad):  # the weights of the gradient, not of the value
                 w = torch.sigmoid(a).expand(full).contiguous()
-                w[sel] = 1.0
-        f[sel] = nz
-        ctx.save_for_backward(mu, theta, zi_logits, total, lt, w, xv, *idx)
+                w.view(*full[:n_lead], -1).index_fill_(-1, flat, 1.0)
+        if f.data_ptr() == lnb0.data_ptr():
+            f = f.clone()  # lnb0 was already full-shaped: do not overwrite it
+        f.view(*full[:n_lead], -1).index_copy_(-1, flat, nz)
+        ctx.n_lead = n_lead
+        ctx.save_for_backward(mu, theta, zi_logits, total, lt, w, xv, flat, *idx)
         return f
 
     @staticmethod
     def backward(ctx, grad):
-        mu, theta, zi_logits, total, lt, w, xv, *idx = ctx.saved_tensors
-        sel = (Ellipsis, *idx)
+        mu, theta, zi_logits, total, lt, w, xv, flat, *idx = ctx.saved_tensors
+        full, n_lead = grad.shape, ctx.n_lead
+        at = functools.partial(_flat_at, shape=full, n_lead=n_lead, flat=flat)
         inv = torch.reciprocal(total)
         r = theta * inv  # θ / (θ + mu + eps)
-        g_nz = grad[sel]  # (..., nnz)
-        inv_nz = inv.expand(grad.shape)[sel]
-        grad_mu = -grad * (r if w is None else w * r)  # x = 0 entries
+        g_nz, inv_nz = at(grad), at(inv)  # (*lead, nnz)
+        grad_mu = torch.mul(r if w is None else w * r, grad).neg_()  # x = 0 entries
+        if grad_mu.shape != full:
+            grad_mu = grad_mu.expand(full).contiguous()
         tv = pick(theta, idx)
-        grad_mu[sel] = g_nz * (xv / (mu.expand(grad.shape)[sel] + EPS) - (tv + xv) * inv_nz)
+        grad_mu.view(*full[:n_lead], -1).index_copy_(
+            -1, flat, g_nz * (xv / (at(mu) + EPS) - (tv + xv) * inv_nz))
         grad_mu = grad_mu.sum_to_size(mu.shape)
         grad_theta = grad_zi = None
         if ctx.needs_input_grad[2]:
-            d_lnb0 = (torch.log(theta + EPS) + theta / (theta + EPS)) - lt - r
-            dense = (grad * (d_lnb0 if w is None else w * d_lnb0)).sum_to_size(theta.shape)
-            extra = g_nz * (torch.digamma(xv + tv) - torch.digamma(tv) - xv * inv_nz)
+            d_lnb0 = ((torch.log(theta + EPS) + theta / (theta + EPS)) - lt).sub_(r)
+            if w is not None:
+                d_lnb0 = _mul_(d_lnb0, w)
+            dense = _mul_(d_lnb0, grad).sum_to_size(theta.shape)
+            digamma_diff = torch.digamma(xv + tv) - pick(torch.digamma(theta), idx)
+            extra = g_nz * (digamma_diff - xv * inv_nz)
             extra = extra.reshape(-1, extra.shape[-1]).sum(0)  # over sample dimensions
             grad_theta = dense + _sum_into(theta.shape, idx, extra)
         if zi_logits is not None and ctx.needs_input_grad[3]:
-            grad_zi = (grad * (torch.sigmoid(-zi_logits) - w)).sum_to_size(zi_logits.shape)
+            grad_zi = _mul_(torch.sigmoid(-zi_logits) - w, grad).sum_to_size(zi_logits.shape)
         return None, grad_mu, grad_theta, grad_zi
