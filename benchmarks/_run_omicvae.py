@@ -9,7 +9,10 @@ Same command line and output as ``_run_scvi.py``; runs in the dev venv.  Called 
 
 Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll_test``
 (per-cell importance-weighted log p(x), 100 samples, nats), ``obs_train``, ``obs_test``,
-``train_seconds`` (wall time of ``train()`` only), ``epochs``, ``tool``, ``version``.
+``train_seconds`` (wall time of ``train()`` only), ``epochs``, ``tool``, ``version``,
+``n_train``, ``peak_rss_mb`` (VmHWM after training), ``rss_before_train_mb`` (VmRSS with the
+data loaded), ``rss_base_mb`` (VmHWM after imports), ``csr_mb`` and ``model_mb``, and with
+``--time-inference`` ``latent_seconds``, ``latent_cells``, ``marginal_ll_seconds``, ``marginal_ll_cells``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Runs in the scvi-tools venv (scvi-tools is never a dependency of omicvae_sc).  C
 Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll_test``
 (per-cell importance-weighted log p(x), 100 samples, nats), ``obs_train``, ``obs_test``
 (cell names, to check alignment), ``train_seconds`` (wall time of ``train()`` only),
-``epochs`` (epochs actually run), ``tool``, ``version``.
+``epochs`` (epochs actually run), ``tool``, ``version``,
+``n_train``, ``peak_rss_mb`` (VmHWM after training), ``rss_before_train_mb`` (VmRSS with the
+data loaded), ``rss_base_mb`` (VmHWM after imports).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 EPS = 1e-8  # keeps log() finite at mu -> 0 or theta -> 0
 
 
-def pick(t: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _pick(t: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Elements of ``t`` at ``idx`` (indices into a broadcast shape), without materializing
     the broadcast: size-1 dimensions are indexed at 0."""
     t = t.reshape((1,) * (len(idx) - t.dim()) + t.shape)
@@ -54,8 +54,8 @@ def _log_binom_at(xv: torch.Tensor, theta: torch.Tensor, idx) -> torch.Tensor:
     """log C(x + θ - 1, x) = lgamma(x + θ) - lgamma(θ) - lgamma(x + 1) at the non-zero counts
     ``xv`` (positions ``idx``); the term is 0 where x = 0."""
     # lgamma(θ) on θ's own (small) shape, then picked: not once per non-zero count
-    tv = pick(theta, idx)
-    return torch.lgamma(xv + tv) - pick(torch.lgamma(theta), idx) - torch.lgamma(xv + 1)
+    tv = _pick(theta, idx)
+    return torch.lgamma(xv + tv) - _pick(torch.lgamma(theta), idx) - torch.lgamma(xv + 1)
 
 
 def _sum_into(shape: torch.Size, idx: tuple[torch.Tensor, ...], values: torch.Tensor
@@ -124,7 +124,7 @@ class NBLogProb(torch.autograd.Function):
         grad_mu = torch.mul(r if w is None else w * r, grad).neg_()  # x = 0 entries
         if grad_mu.shape != full:
             grad_mu = grad_mu.expand(full).contiguous()
-        tv = pick(theta, idx)
+        tv = _pick(theta, idx)
         grad_mu.view(*full[:n_lead], -1).index_copy_(
             -1, flat, g_nz * (xv / (at(mu) + EPS) - (tv + xv) * inv_nz))
         grad_mu = grad_mu.sum_to_size(mu.shape)
@@ -134,7 +134,7 @@ class NBLogProb(torch.autograd.Function):
             if w is not None:
                 d_lnb0 = _mul_(d_lnb0, w)
             dense = _mul_(d_lnb0, grad).sum_to_size(theta.shape)
-            digamma_diff = torch.digamma(xv + tv) - pick(torch.digamma(theta), idx)
+            digamma_diff = torch.digamma(xv + tv) - _pick(torch.digamma(theta), idx)
             extra = g_nz * (digamma_diff - xv * inv_nz)
             extra = extra.reshape(-1, extra.shape[-1]).sum(0)  # over sample dimensions
             grad_theta = dense + _sum_into(theta.shape, idx, extra)
