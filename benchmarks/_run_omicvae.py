@@ -12,7 +12,8 @@ Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll
 ``train_seconds`` (wall time of ``train()`` only), ``epochs``, ``tool``, ``version``,
 ``n_train``, ``peak_rss_mb`` (VmHWM after training), ``rss_before_train_mb`` (VmRSS with the
 data loaded), ``rss_base_mb`` (VmHWM after imports), ``csr_mb`` and ``model_mb``, and with
-``--time-inference`` ``latent_seconds``, ``latent_cells``, ``marginal_ll_seconds``, ``marginal_ll_cells``.
+``--time-inference`` ``latent_seconds``, ``latent_cells``, ``marginal_ll_seconds``,
+``marginal_ll_cells``.
 """
 
 from __future__ import annotations
