@@ -1,11 +1,12 @@
 """Training and inference speed: omicvae_sc against scvi-tools 1.4.2, side by side in one run.
 
-Both tools train the same architecture (10 latent dimensions, one hidden layer of 128, dropout
-0.1, ZINB) through their runners (``_run_omicvae.py`` in this venv, ``_run_scvi.py`` in the
-scvi-tools venv), one subprocess per fit, alternating tool by tool. Printed per fit: epochs,
-train seconds, seconds per epoch, training cells/s (train cells x epochs / train seconds), peak
-resident memory (``peak_rss_mb``) and its rise during ``train()`` over the memory held before
-it, data loaded (``train_rss_mb``; compare with ``csr_mb``, the training counts as CSR), held-out
+Both tools train the same architecture (10 latent dimensions, one hidden layer of 128,
+dropout 0.1, ``--likelihood``: ZINB by default, as in scvi-tools) through their runners
+(``_run_omicvae.py`` in this venv, ``_run_scvi.py`` in the scvi-tools venv), one subprocess
+per fit, alternating tool by tool. Printed per fit: epochs, train seconds, seconds per epoch,
+training cells/s (train cells x epochs / train seconds), peak resident memory
+(``peak_rss_mb``) and its rise during ``train()`` over the memory held before it, data loaded
+(``train_rss_mb``; compare with ``csr_mb``, the training counts as CSR), held-out
 importance-weighted log p(x) (K=100), and the ratios to scvi-tools.
 
 Parts (``--parts``):
@@ -64,7 +65,8 @@ def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -
     python = sys.executable if tool == "omicvae_sc" else args.scvi_python
     runner = HERE / ("_run_omicvae.py" if tool == "omicvae_sc" else "_run_scvi.py")
     cmd = [python, str(runner), "--train", str(train), "--test", str(test), "--out", str(out),
-           "--seed", str(args.seed), "--threads", str(args.threads), *extra]
+           "--seed", str(args.seed), "--threads", str(args.threads),
+           "--likelihood", args.likelihood, *extra]
     subprocess.run(cmd, check=True)
     z = np.load(out)
     row = {k: z[k].item() for k in z.files if z[k].ndim == 0 and k not in ("tool", "version")}
@@ -101,7 +103,7 @@ def part_pbmc3k(args, tmp: Path) -> list[dict]:
                                 "--lr", str(lr)])})
         rows.append({"fit": "omicvae_sc, all defaults (early stopping)", "repeat": rep,
                      **fit("omicvae_sc", *paths, tmp / "o.npz", args, ["--defaults"])})
-    return [row | {"part": "pbmc3k"} for row in rows]
+    return [row | {"part": "pbmc3k", "likelihood": args.likelihood} for row in rows]
 
 
 def part_large(args, tmp: Path) -> list[dict]:
@@ -121,13 +123,13 @@ def part_large(args, tmp: Path) -> list[dict]:
                      **fit("omicvae_sc", path, tmp / "test.h5ad", tmp / "o.npz", args,
                            ["--epochs", "1", "--batch-size", str(bs), "--lr", str(lr),
                             "--time-inference"])})
-    return [row | {"part": "large"} for row in rows]
+    return [row | {"part": "large", "likelihood": args.likelihood} for row in rows]
 
 
 def report(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["train_rss_mb"] = df["peak_rss_mb"] - df["rss_before_train_mb"]
-    cols = ["fit", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
+    cols = ["fit", "likelihood", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
             "peak_rss_mb", "train_rss_mb", "csr_mb", "model_mb", "latent_seconds",
             "marginal_ll_seconds"]
     for part in df["part"].unique():  # ratios to scvi-tools' fits of the same part
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--large-cells", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--likelihood", choices=["zinb", "nb"], default="zinb",
+                        help="both tools' count likelihood")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scvi-python", default=os.environ.get("SCVI_PYTHON"),
                         help="python of the scvi-tools venv (scvi-tools is skipped without it)")

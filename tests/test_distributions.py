@@ -14,6 +14,7 @@ from omicvae_sc.module._distributions import (
     ZeroInflatedNegativeBinomial,
     make_count_distribution,
 )
+from omicvae_sc.module._nb_kernel import nb_log_prob
 
 # broadcast grid: x (201, 1, 1), mu (1, 11, 1), theta (1, 1, 9)
 X_GRID = np.arange(201.0)[:, None, None]
@@ -201,7 +202,8 @@ def _textbook_log_prob(likelihood, x, mu, theta, zi):
 @pytest.mark.parametrize("likelihood", ["nb", "zinb"])
 @pytest.mark.parametrize("theta_shape", [(1, 30), (50, 30), (30,)])
 @pytest.mark.parametrize("samples", [(), (4,)])
-def test_hand_written_gradients_match_autograd(likelihood, theta_shape, samples):
+@pytest.mark.parametrize("sparse", [True, False], ids=["nonzeros-only", "dense"])
+def test_hand_written_gradients_match_autograd(likelihood, theta_shape, samples, sparse):
     gen = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(50, 30, generator=gen, dtype=torch.float64) * 2, gen)
     mu = (torch.rand(*samples, 50, 30, generator=gen, dtype=torch.float64) * 3 + 0.01)
@@ -211,7 +213,7 @@ def test_hand_written_gradients_match_autograd(likelihood, theta_shape, samples)
     if likelihood == "zinb":
         inputs.append(zi.requires_grad_())
     weights = torch.randn(*samples, 50, 30, generator=gen, dtype=torch.float64)
-    got = make_count_distribution(likelihood, mu, theta, zi).log_prob(x)
+    got = nb_log_prob(x, mu, theta, zi if likelihood == "zinb" else None, sparse=sparse)
     expected = _textbook_log_prob(likelihood, x, mu, theta, zi)
     torch.testing.assert_close(got, expected)
     for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
@@ -219,11 +221,21 @@ def test_hand_written_gradients_match_autograd(likelihood, theta_shape, samples)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_hand_written_gradients_pass_gradcheck():
+@pytest.mark.parametrize("sparse", [True, False], ids=["nonzeros-only", "dense"])
+def test_hand_written_gradients_pass_gradcheck(sparse):
     gen = torch.Generator().manual_seed(1)
     x = torch.poisson(torch.rand(6, 5, generator=gen, dtype=torch.float64) * 2, gen)
     mu = (torch.rand(6, 5, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
     theta = (torch.rand(1, 5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     zi = torch.randn(6, 5, generator=gen, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda m, t, z: ZeroInflatedNegativeBinomial(m, t, z).log_prob(x), (mu, theta, zi))
+        lambda m, t, z: nb_log_prob(x, m, t, z, sparse=sparse), (mu, theta, zi))
+
+
+def test_distributions_use_the_nonzeros_only_path_on_the_cpu():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.poisson(torch.rand(20, 10, generator=gen) * 2, gen)
+    mu, theta, zi = torch.rand(20, 10, generator=gen) + 0.1, torch.ones(1, 10), torch.zeros(20, 10)
+    got = ZeroInflatedNegativeBinomial(mu, theta, zi).log_prob(x)
+    assert torch.equal(got, nb_log_prob(x, mu, theta, zi, sparse=True))
+    torch.testing.assert_close(got, nb_log_prob(x, mu, theta, zi, sparse=False))

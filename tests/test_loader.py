@@ -68,3 +68,14 @@ def test_a_subset_of_cells_serves_those_rows(dense_limit_bytes):
     np.testing.assert_array_equal(x.numpy(), counts[cells].toarray())
     np.testing.assert_array_equal(c.numpy(), codes[cells])
     assert held.n_cells == 5
+
+
+def test_csr_rows_sized_on_the_host_match_rows_sized_on_the_device():
+    dense, codes = _counts()
+    cells = np.array([30, 2, 17, 5, 9])
+    holder = CountTensors(sp.csr_matrix(dense), codes, dense_limit_bytes=0, cells=cells)
+    pick = np.array([4, 0, 2])
+    via_host = holder.rows(torch.as_tensor(pick), pick)
+    via_device = holder.rows(torch.as_tensor(pick))
+    np.testing.assert_array_equal(via_host.numpy(), dense[cells[pick]])
+    np.testing.assert_array_equal(via_device.numpy(), via_host.numpy())

@@ -66,24 +66,34 @@ class CountTensors:
         else:
             csr = sp.csr_matrix(counts)
             # no copy where the dtypes already match (int32 gene indices, float32 counts)
-            self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
+            self._indptr_host = csr.indptr.astype(np.int64)  # minibatch sizes without a sync
+            self.indptr = torch.as_tensor(self._indptr_host, device=self.device)
             self.indices = torch.as_tensor(csr.indices.astype(np.int32, copy=False),
                                            device=self.device)
             self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False),
                                           device=self.device)
             if cells is not None:
-                self._cells = torch.as_tensor(np.asarray(cells, dtype=np.int64),
-                                              device=self.device)
+                self._cells_host = np.asarray(cells, dtype=np.int64)
+                self._cells = torch.as_tensor(self._cells_host, device=self.device)
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``."""
+    def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None) -> torch.Tensor:
+        """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``.
+
+        ``idx_host``, the same indices in host memory, lets the non-zero count of the minibatch
+        be summed on the host, so an accelerator is not waited for.
+        """
         if self.dense is not None:
             return self.dense[idx]
         if self._cells is not None:
             idx = self._cells[idx]
+            if idx_host is not None:
+                idx_host = self._cells_host[idx_host]
         start, stop = self.indptr[idx], self.indptr[idx + 1]
         lengths = stop - start  # (batch,) non-zeros per cell
-        total = int(lengths.sum())
+        if idx_host is None:
+            total = int(lengths.sum())  # waits for the device
+        else:
+            total = int((self._indptr_host[idx_host + 1] - self._indptr_host[idx_host]).sum())
         row = torch.repeat_interleave(torch.arange(len(idx), device=self.device), lengths,
                                       output_size=total)
         first = torch.cumsum(lengths, 0) - lengths  # where each cell's run starts in the output
@@ -112,9 +122,11 @@ class CountTensors:
         cannot normalize one sample in training mode.
         """
         if shuffle:
-            order = torch.randperm(self.n_cells, generator=generator).to(self.device)
+            host = torch.randperm(self.n_cells, generator=generator)
         else:
-            order = torch.arange(self.n_cells, device=self.device)
+            host = torch.arange(self.n_cells)
+        order = host.to(self.device)
+        host = host.numpy()
         for lo, hi in itertools.pairwise(self._bounds(batch_size)):
             idx = order[lo:hi]
-            yield self.rows(idx), None if self.codes is None else self.codes[idx]
+            yield self.rows(idx, host[lo:hi]), None if self.codes is None else self.codes[idx]

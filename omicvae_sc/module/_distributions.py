@@ -14,7 +14,7 @@ from torch.distributions import Distribution, Gamma, constraints
 from torch.distributions.constraints import Constraint
 from torch.distributions.utils import broadcast_all
 
-from omicvae_sc.module._nb_kernel import EPS, NBLogProb
+from omicvae_sc.module._nb_kernel import EPS, nb_log_prob
 
 __all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "make_count_distribution"]
 
@@ -68,7 +68,7 @@ class NegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return NBLogProb.apply(value, self.mu, self._theta_given, None)
+        return nb_log_prob(value, self.mu, self._theta_given)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
@@ -128,7 +128,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return NBLogProb.apply(value, self.mu, self._theta_given, self.zi_logits)
+        return nb_log_prob(value, self.mu, self._theta_given, self.zi_logits)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:

@@ -70,17 +70,49 @@ def _sum_into(shape: torch.Size, idx: tuple[torch.Tensor, ...], values: torch.Te
     return out.index_add_(0, flat, values).view(shape)
 
 
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
+                zi_logits: torch.Tensor | None = None, *, sparse: bool | None = None
+                ) -> torch.Tensor:
+    """Elementwise log NB(x | mu, θ), or log ZINB when ``zi_logits`` is given (see
+    :class:`NBLogProb`).
+
+    ``sparse`` (default: on the CPU only) computes the x-dependent terms at the non-zero counts
+    only. Finding them costs a host synchronisation, and on an accelerator the dense passes are
+    cheap, so there every term is computed densely and nothing waits for the device.
+    """
+    if sparse is None:
+        sparse = x.device.type == "cpu"
+    return NBLogProb.apply(x, mu, theta, zi_logits, sparse)
+
+
 class NBLogProb(torch.autograd.Function):
     """Elementwise log NB(x | mu, θ), or log ZINB(x | mu, θ, z) when ``zi_logits`` is given.
 
     ``mu`` (and ``zi_logits``) may carry leading sample dimensions that ``x`` lacks; ``theta``
-    keeps its own (small) shape and its gradient is summed to it. Terms that need x are
-    computed at the non-zero counts only (gathered by flat position); dense passes cover the
-    x = 0 case.
+    keeps its own (small) shape and its gradient is summed to it. With ``sparse``, terms that
+    need x are computed at the non-zero counts only (gathered by flat position) and dense
+    passes cover the x = 0 case; without, every term is dense (no data-dependent shapes).
     """
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits):
+    def forward(ctx, x, mu, theta, zi_logits, sparse=True):
+        total = mu + (theta + EPS)  # θ + mu + eps
+        lt = torch.log(total)
+        lnb0 = theta * (torch.log(theta + EPS) - lt)  # log NB(0)
+        ctx.sparse = sparse
+        want_w = zi_logits is not None and any(ctx.needs_input_grad)
+        if not sparse:
+            lnb = (lnb0 + x * (torch.log(mu + EPS) - lt) + torch.lgamma(x + theta)
+                   - torch.lgamma(theta) - torch.lgamma(x + 1))
+            w = None
+            if zi_logits is None:
+                f = lnb
+            else:
+                a, pos = lnb0 - zi_logits, x > 0
+                f = torch.where(pos, lnb - zi_logits, F.softplus(a)) - F.softplus(-zi_logits)
+                w = torch.where(pos, 1.0, torch.sigmoid(a)) if want_w else None
+            ctx.save_for_backward(x, mu, theta, zi_logits, total, lt, w)
+            return f
         full = torch.broadcast_shapes(*(t.shape for t in (x, mu, theta, zi_logits)
                                         if t is not None))
         if x.shape != full[len(full) - x.dim():] or theta.dim() > x.dim():
@@ -89,9 +121,6 @@ class NBLogProb(torch.autograd.Function):
         flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)  # (nnz,) positions within x
         idx = torch.unravel_index(flat, x.shape)  # the same, per dimension of x
         xv = x.reshape(-1).index_select(0, flat)  # (nnz,)
-        total = mu + (theta + EPS)  # θ + mu + eps
-        lt = torch.log(total)
-        lnb0 = theta * (torch.log(theta + EPS) - lt)  # log NB(0)
         at = functools.partial(_flat_at, shape=full, n_lead=n_lead, flat=flat)
         nz = (at(lnb0) + xv * (torch.log(at(mu) + EPS) - at(lt))
               + _log_binom_at(xv, theta, idx))  # (*lead, nnz) log NB(x) at x > 0
@@ -103,7 +132,7 @@ class NBLogProb(torch.autograd.Function):
             sp_neg_z = F.softplus(-zi_logits)
             f = (F.softplus(a) - sp_neg_z).expand(full).contiguous()
             nz = nz - at(zi_logits + sp_neg_z)
-            if any(ctx.needs_input_grad):  # the weights of the gradient, not of the value
+            if want_w:  # the weights of the gradient, not of the value
                 w = torch.sigmoid(a).expand(full).contiguous()
                 w.view(*full[:n_lead], -1).index_fill_(-1, flat, 1.0)
         if f.data_ptr() == lnb0.data_ptr():
@@ -115,6 +144,8 @@ class NBLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.sparse:
+            return (None, *_dense_backward(ctx, grad), None)
         mu, theta, zi_logits, total, lt, w, xv, flat, *idx = ctx.saved_tensors
         full, n_lead = grad.shape, ctx.n_lead
         at = functools.partial(_flat_at, shape=full, n_lead=n_lead, flat=flat)
@@ -140,4 +171,22 @@ class NBLogProb(torch.autograd.Function):
             grad_theta = dense + _sum_into(theta.shape, idx, extra)
         if zi_logits is not None and ctx.needs_input_grad[3]:
             grad_zi = _mul_(torch.sigmoid(-zi_logits) - w, grad).sum_to_size(zi_logits.shape)
-        return None, grad_mu, grad_theta, grad_zi
+        return None, grad_mu, grad_theta, grad_zi, None
+
+
+def _dense_backward(ctx, grad):
+    """Gradients for mu, θ and z of the dense forward: the same formulas, every entry."""
+    x, mu, theta, zi_logits, total, lt, w = ctx.saved_tensors
+    inv = torch.reciprocal(total)
+    w_theta = theta if w is None else w * theta
+    grad_mu = (grad * (x / (mu + EPS) - (w_theta + x) * inv)).sum_to_size(mu.shape)
+    grad_theta = grad_zi = None
+    if ctx.needs_input_grad[2]:
+        d_lnb0 = torch.log(theta + EPS) + theta / (theta + EPS) - lt - theta * inv
+        if w is not None:
+            d_lnb0 = d_lnb0 * w
+        d_theta = d_lnb0 + torch.digamma(x + theta) - torch.digamma(theta) - x * inv
+        grad_theta = (grad * d_theta).sum_to_size(theta.shape)
+    if zi_logits is not None and ctx.needs_input_grad[3]:
+        grad_zi = (grad * (torch.sigmoid(-zi_logits) - w)).sum_to_size(zi_logits.shape)
+    return grad_mu, grad_theta, grad_zi
