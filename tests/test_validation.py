@@ -3,6 +3,7 @@ AnnData exactly as it was (same fingerprint before and after)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import anndata as ad
@@ -324,6 +325,88 @@ def test_model_on_a_view_is_rejected(synthetic):
         OmicVAE(synthetic[:50], device="cpu")
 
 
+def test_a_view_is_read_but_not_written(trained, synthetic, adata_fingerprint):
+    view = synthetic[:40]
+    np.testing.assert_array_equal(trained.get_latent_representation(view),
+                                  trained.get_latent_representation(synthetic[:40].copy()))
+    before = adata_fingerprint(view)
+    with pytest.raises(ValueError, match=r"adata is a view of another AnnData; .* will not "
+                                         r"write into a view\. Run `adata = adata\.copy\(\)`"):
+        trained.write_results(view)
+    assert adata_fingerprint(view) == before
+
+
+@ENTRY_POINTS
+def test_backed_anndata_is_rejected(entry, tmp_path, synthetic):
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    on_disk = path.read_bytes()
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        with pytest.raises(ValueError, match=r"adata is backed \(opened with backed='r'\); "
+                                             r"omicvae_sc needs the counts in memory\. Run "
+                                             r"`adata = adata\.to_memory\(\)` first"):
+            entry(backed, layer="counts")
+        assert "omicvae_setup" not in backed.uns
+    finally:
+        backed.file.close()
+    assert path.read_bytes() == on_disk
+
+
+@ENTRY_POINTS
+def test_one_cell_is_rejected_by_training(entry, synthetic, adata_fingerprint):
+    adata = synthetic[:1].copy()
+    if entry is _setup:  # setup accepts it; training cannot fit one cell
+        entry(adata, layer="counts")
+        adata_fingerprint_before = adata_fingerprint(adata)
+        with pytest.raises(ValueError, match=r"Training needs at least 2 cells outside the "
+                                             r"validation split; found 1"):
+            OmicVAE(adata, device="cpu").train(progress_bar=False)
+        assert adata_fingerprint(adata) == adata_fingerprint_before
+    else:
+        _assert_rejected(entry, adata, adata_fingerprint, ValueError,
+                         r"Training needs at least 2 cells outside the validation split; found 1")
+
+
+@ENTRY_POINTS
+def test_non_integer_values_are_fitted_with_a_warning_when_allowed(entry, synthetic):
+    synthetic.layers["counts"] = synthetic.layers["counts"] * 1.25
+    with pytest.warns(UserWarning, match=r"adata\.layers\['counts'\] holds non-integer values "
+                                         r"\(first .*\)\. Fitting them as given "
+                                         r"\(allow_non_integer=True\)"):
+        entry(synthetic, layer="counts", allow_non_integer=True)
+    if entry is _setup:
+        assert synthetic.uns["omicvae_setup"]["allow_non_integer"]
+        model = OmicVAE(synthetic, device="cpu", n_latent=2)
+        with pytest.warns(UserWarning, match="allow_non_integer=True"):
+            model.train(2, progress_bar=False)
+    else:
+        assert np.isfinite(synthetic.obsm["X_omicvae"]).all()
+
+
+@ENTRY_POINTS
+def test_genes_without_counts_are_kept_and_said(entry, synthetic):
+    dense = _dense(synthetic)
+    dense[:, [3, 10]] = 0
+    synthetic.layers["counts"] = sp.csr_matrix(dense)
+    with pytest.warns(UserWarning, match=r"2 of 60 genes in adata\.layers\['counts'\] have no "
+                                         r"counts in any cell \(e\.g\. \['gene3', 'gene10'\]\); "
+                                         r"they are kept"):
+        entry(synthetic, layer="counts")
+    if entry is _tl:
+        assert synthetic.layers["counts"].shape[1] == 60 and "X_omicvae" in synthetic.obsm
+
+
+@ENTRY_POINTS
+def test_a_batch_of_one_cell_is_said(entry, synthetic):
+    batch = synthetic.obs["batch"].astype(str).to_numpy().copy()
+    batch[7] = "lonely"
+    synthetic.obs["batch"] = batch
+    with pytest.warns(UserWarning, match=r"adata\.obs\['batch'\] has 1 category with a single "
+                                         r"cell \(\['lonely'\]\)"):
+        entry(synthetic, layer="counts", batch_key="batch")
+
+
 # ---------------------------------------------------------------------------- a trained model
 @functools.cache
 def _trained_model() -> OmicVAE:
@@ -425,19 +508,19 @@ def test_load_of_a_folder_that_is_not_a_model(tmp_path, synthetic):
     (tmp_path / "notes.txt").write_text("not a model")
     for path in (tmp_path, tmp_path / "missing"):
         with pytest.raises(FileNotFoundError, match=r"is not an omicvae_sc model folder \("
-                                                    r"expected metadata\.json and model\.pt\)"):
+                                                    r"expected metadata\.json\)"):
             OmicVAE.load(path, synthetic, device="cpu")
 
 
 def test_load_of_altered_weights_is_rejected(tmp_path, trained, synthetic):
     path = tmp_path / "model"
     trained.save(path)
-    weights = path / "model.pt"
+    (weights,) = path.glob("weights-*.pt")
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     weights.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=r"model\.pt does not match the checksum in "
-                                         r"metadata\.json: truncated or altered"):
+    with pytest.raises(ValueError, match=r"weights-[0-9a-f]{16}\.pt does not match the checksum "
+                                         r"in metadata\.json: truncated or altered"):
         OmicVAE.load(path, synthetic, device="cpu")
 
 
@@ -459,8 +542,21 @@ def test_save_onto_existing_path_needs_overwrite(tmp_path, trained):
         trained.save(path)
     assert sorted(p.name for p in path.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
-    trained.save(path, overwrite=True)
-    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.pt"]
+    with pytest.raises(FileExistsError, match=r"model exists and is not an omicvae_sc model "
+                                              r"folder \(no metadata\.json\); it is left alone"):
+        trained.save(path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_a_model_and_leaves_one_weights_file(tmp_path, trained):
+    path = tmp_path / "model"
+    trained.save(path)
+    other = copy.deepcopy(trained)
+    other.module.log_theta.data += 1.0  # a different model under the same path
+    other.save(path, overwrite=True)
+    names = sorted(p.name for p in path.iterdir())
+    assert len(names) == 2 and names[0] == "metadata.json" and names[1].startswith("weights-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 # ---------------------------------------------------------------------------- formats agree

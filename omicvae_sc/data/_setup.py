@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
+from omicvae_sc.data._validate import (
+    check_anndata_object,
+    check_counts,
+    get_counts,
+    warn_small_categories,
+    warn_unusual_counts,
+)
 
 SETUP_KEY = "omicvae_setup"
 """``adata.uns`` key where :meth:`OmicVAE.setup_anndata` records the setup."""
@@ -20,12 +26,19 @@ class AnnDataSetup:
 
     ``covariate_keys`` lists the batch key first (when given), then the other covariates;
     ``categories`` holds, for each of them, the category names in code order.
+    ``allow_non_integer`` records that the user accepted non-integer counts.
     """
 
     layer: str | None
     batch_key: str | None
     covariate_keys: tuple[str, ...]
     categories: tuple[tuple[str, ...], ...]
+    allow_non_integer: bool = False
+
+    @property
+    def counts_where(self) -> str:
+        """Where the counts are, as error messages name it."""
+        return "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
 
     @property
     def n_categories(self) -> tuple[int, ...]:
@@ -40,6 +53,8 @@ class AnnDataSetup:
             d["batch_key"] = self.batch_key
         d["categories"] = {k: list(c) for k, c in zip(self.covariate_keys, self.categories,
                                                        strict=True)}
+        if self.allow_non_integer:
+            d["allow_non_integer"] = True
         return d
 
     @classmethod
@@ -51,6 +66,7 @@ class AnnDataSetup:
             batch_key=d.get("batch_key"),
             covariate_keys=keys,
             categories=tuple(tuple(str(c) for c in np.atleast_1d(cats[k])) for k in keys),
+            allow_non_integer=bool(d.get("allow_non_integer", False)),
         )
 
 
@@ -74,11 +90,16 @@ def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
 def build_setup(
     adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
     categorical_covariate_keys: list[str] | tuple[str, ...] | None = None,
+    allow_non_integer: bool = False,
 ) -> AnnDataSetup:
-    """Validate ``adata`` and describe its counts and covariates, without writing anything."""
+    """Validate ``adata`` and describe its counts and covariates, without writing anything.
+
+    Warns (and goes on) about genes without counts and covariate categories of one cell.
+    """
     check_anndata_object(adata)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    check_counts(adata, get_counts(adata, layer), where)
+    counts = get_counts(adata, layer)
+    check_counts(adata, counts, where, allow_non_integer=allow_non_integer)
     extra = tuple(categorical_covariate_keys or ())
     keys = ((batch_key,) if batch_key is not None else ()) + extra
     if len(set(keys)) != len(keys):
@@ -88,13 +109,15 @@ def build_setup(
     for i, key in enumerate(keys):
         role = "batch_key" if i == 0 and batch_key is not None else "categorical_covariate_keys"
         col = _obs_column(adata, key, role)
+        warn_small_categories(key, col.astype(str).to_numpy())
         if isinstance(col.dtype, pd.CategoricalDtype):
             cats = col.cat.remove_unused_categories().cat.categories.astype(str)
         else:
             cats = pd.Index(np.unique(col.astype(str)))
         categories.append(tuple(str(c) for c in cats))
+    warn_unusual_counts(adata, counts, where)
     return AnnDataSetup(layer=layer, batch_key=batch_key, covariate_keys=keys,
-                        categories=tuple(categories))
+                        categories=tuple(categories), allow_non_integer=allow_non_integer)
 
 
 def read_setup(adata: AnnData) -> AnnDataSetup:

@@ -3,17 +3,20 @@ and what to do next."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
 
-def check_anndata_object(adata: AnnData) -> None:
-    """Reject views, backed objects, empty objects and duplicated gene names."""
+def check_anndata_object(adata: AnnData, *, allow_view: bool = False) -> None:
+    """Reject views (unless only read: ``allow_view``), backed objects, empty objects and
+    duplicated gene names."""
     if not isinstance(adata, AnnData):
         msg = f"Expected an AnnData object, found {type(adata).__name__}."
         raise TypeError(msg)
-    if adata.is_view:
+    if adata.is_view and not allow_view:
         msg = (
             "adata is a view of another AnnData; omicvae_sc writes results into the object it is "
             "given and will not write into a view. Run `adata = adata.copy()` first."
@@ -67,10 +70,12 @@ def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
     return str(adata.obs_names[row]), str(adata.var_names[col]), value
 
 
-def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
+def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool = False
+                 ) -> np.ndarray:
     """Raise unless ``matrix`` holds finite, non-negative integers and every cell has a count.
 
-    Returns the per-cell library sizes (float64).
+    With ``allow_non_integer``, non-integer values only warn (ambient-corrected or imputed
+    counts). Returns the per-cell library sizes (float64).
     """
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     dtype = values.dtype
@@ -90,9 +95,13 @@ def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
         for bad, what, todo in checks:
             if bad(values).any():
                 cell, gene, value = _where(adata, matrix, bad)
-                msg = (f"{where} holds {what} (first {value:g} at cell {cell!r}, "
-                       f"gene {gene!r}). {todo}")
-                raise ValueError(msg)
+                msg = f"{where} holds {what} (first {value:g} at cell {cell!r}, gene {gene!r}). "
+                if what == "non-integer values" and allow_non_integer:
+                    msg += ("Fitting them as given (allow_non_integer=True): the NB/ZINB "
+                            "likelihood is defined on counts, so likelihoods are approximate.")
+                    warnings.warn(msg, UserWarning, stacklevel=2)
+                    continue
+                raise ValueError(msg + todo)
     elif (values < 0).any():
         cell, gene, value = _where(adata, matrix, lambda v: v < 0)
         msg = f"{where} holds negative values (first {value:g} at cell {cell!r}, gene {gene!r})."
@@ -107,3 +116,28 @@ def check_counts(adata: AnnData, matrix, where: str) -> np.ndarray:
         )
         raise ValueError(msg)
     return library
+
+
+def warn_unusual_counts(adata: AnnData, matrix, where: str) -> None:
+    """Warn about genes without a single count: they are kept (the model learns they are
+    zero), and said."""
+    per_gene = np.asarray((matrix != 0).sum(axis=0)).ravel()
+    empty = np.flatnonzero(per_gene == 0)
+    if empty.size:
+        names = adata.var_names[empty[:3]].tolist()
+        msg = (f"{empty.size} of {adata.n_vars} genes in {where} have no counts in any cell "
+               f"(e.g. {names}); they are kept and the model learns to predict zeros for them. "
+               "`sc.pp.filter_genes(adata, min_cells=1)` removes them.")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+
+def warn_small_categories(key: str, values: np.ndarray) -> None:
+    """Warn when a covariate category holds a single cell: its effect rests on that cell."""
+    cats, counts = np.unique(values, return_counts=True)
+    single = cats[counts == 1]
+    if single.size:
+        msg = (f"adata.obs[{key!r}] has {single.size} categor{'y' if single.size == 1 else 'ies'} "
+               f"with a single cell ({single[:3].tolist()}); the decoder learns that category's "
+               "effect (and with dispersion='gene-batch' its dispersion) from one cell. Merge "
+               "it into a larger category if that is not intended.")
+        warnings.warn(msg, UserWarning, stacklevel=2)

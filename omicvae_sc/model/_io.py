@@ -1,13 +1,19 @@
-"""Model files: ``model.pt`` (tensors only, loaded with ``weights_only=True``) and
-``metadata.json`` (hyperparameters, setup, genes, history, format version, SHA-256 of the
-weights). Saving writes a temporary folder and renames it into place, so a crash mid-save leaves
-the previous model intact."""
+"""Model files: a folder with ``metadata.json`` (hyperparameters, setup, genes, history, format
+version, the name and SHA-256 of the weights file) and the weights ``weights-<sha>.pt`` (tensors
+only, loaded with ``weights_only=True``, so loading never runs code from the file).
+
+Saving is atomic. A new folder is written under a temporary name and renamed into place. Over
+an existing model, the new weights go to a new file first and ``metadata.json``, which names
+them, is replaced in one rename: a crash at any moment leaves either the old model or the new
+one, never a mix. Format version 1 (weights in ``model.pt``) is still read."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,8 +26,10 @@ if TYPE_CHECKING:
     from omicvae_sc.model._omicvae import OmicVAE
 
 FORMAT = "omicvae_sc.model"
-FORMAT_VERSION = 1
-WEIGHTS, METADATA = "model.pt", "metadata.json"
+FORMAT_VERSION = 2
+METADATA = "metadata.json"
+WEIGHTS_V1 = "model.pt"
+WEIGHTS_NAME = re.compile(r"weights-[0-9a-f]{16}\.pt")
 
 
 def _sha256(path: Path) -> str:
@@ -42,51 +50,98 @@ def _jsonable(value):
     return value
 
 
+def _write_json(path: Path, meta: dict) -> None:
+    """Write ``path`` atomically: a temporary file beside it, flushed, then renamed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(_jsonable(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_weights(model: OmicVAE, folder: Path) -> tuple[str, str]:
+    """Save the weights into ``folder`` under a name of their own; (name, SHA-256)."""
+    fd, tmp = tempfile.mkstemp(prefix=".weights.", dir=folder)
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.module.state_dict().items()}, tmp)
+        digest = _sha256(Path(tmp))
+        name = f"weights-{digest[:16]}.pt"
+        os.replace(tmp, folder / name)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return name, digest
+
+
 def save_model(model: OmicVAE, path: Path, *, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         msg = f"{path} already exists; pass overwrite=True to replace it."
         raise FileExistsError(msg)
+    if path.exists() and not (path / METADATA).is_file():
+        msg = (f"{path} exists and is not an omicvae_sc model folder (no {METADATA}); it is "
+               "left alone. Choose another path.")
+        raise FileExistsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    fresh = not path.exists()
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if fresh else path
     try:
-        state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
-        torch.save(state, tmp / WEIGHTS)
+        name, digest = _write_weights(model, folder)
         meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "weights_sha256": _sha256(tmp / WEIGHTS),
-            "hparams": model.hparams, "setup": model.setup.to_dict(),
+            "format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": name,
+            "weights_sha256": digest, "hparams": model.hparams, "setup": model.setup.to_dict(),
             "var_names": model.var_names.tolist(), "is_trained": model.is_trained,
             "history": model.history.to_dict(),
         }
-        (tmp / METADATA).write_text(json.dumps(_jsonable(meta)))
-        if path.exists():  # swap: old -> backup, new -> path, drop backup
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, backup / "m")
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, path)
+        _write_json(folder / METADATA, meta)  # the switch from the old model to the new one
+        if fresh:
+            os.replace(folder, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+    for old in path.iterdir():  # weights no longer named by the metadata
+        if old.name != name and (old.name == WEIGHTS_V1 or WEIGHTS_NAME.fullmatch(old.name)):
+            old.unlink()
 
 
 def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Metadata and tensors of a saved model, after checking format, version and checksum."""
-    if not (path / METADATA).is_file() or not (path / WEIGHTS).is_file():
-        msg = f"{path} is not an omicvae_sc model folder (expected {METADATA} and {WEIGHTS})."
+    if not (path / METADATA).is_file():
+        msg = f"{path} is not an omicvae_sc model folder (expected {METADATA})."
         raise FileNotFoundError(msg)
     try:
         meta = json.loads((path / METADATA).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         msg = f"{path / METADATA} is not valid JSON ({err}); the file is damaged."
         raise ValueError(msg) from err
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        msg = (f"{path} holds format {meta.get('format')!r} version {meta.get('format_version')}; "
-               f"this omicvae_sc reads {FORMAT!r} up to version {FORMAT_VERSION}.")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+            or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        msg = (f"{path} holds format {found!r} version {version}; this omicvae_sc reads "
+               f"{FORMAT!r} up to version {FORMAT_VERSION}.")
         raise ValueError(msg)
-    if _sha256(path / WEIGHTS) != meta.get("weights_sha256"):
-        msg = f"{path / WEIGHTS} does not match the checksum in {METADATA}: truncated or altered."
+    name = meta.get("weights_file", WEIGHTS_V1)
+    if name != WEIGHTS_V1 and not (isinstance(name, str) and WEIGHTS_NAME.fullmatch(name)):
+        msg = f"{path / METADATA} names the weights file {name!r}, which is not a weights name."
         raise ValueError(msg)
-    state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    weights = path / name
+    if not weights.is_file():
+        msg = f"{path} is not a complete omicvae_sc model folder: {name} is missing."
+        raise FileNotFoundError(msg)
+    if _sha256(weights) != meta.get("weights_sha256"):
+        msg = f"{weights} does not match the checksum in {METADATA}: truncated or altered."
+        raise ValueError(msg)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        msg = (f"{weights} holds objects other than tensors and is refused (loading never runs "
+               f"code from a model file): {err}")
+        raise ValueError(msg) from err
     return meta, state

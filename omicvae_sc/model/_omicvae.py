@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,15 @@ from omicvae_sc.model._checks import (
     validation_split,
 )
 from omicvae_sc.module import VAE, CellEvaluation
-from omicvae_sc.train import History, TrainConfig, default_max_epochs, fit
+from omicvae_sc.train import (
+    CheckpointPlan,
+    History,
+    TrainConfig,
+    TrainingDiverged,
+    default_max_epochs,
+    fit,
+    read_checkpoint,
+)
 
 CHUNK_ELEMENTS = 2**19
 """Outputs (latents, expression, log p(x)) work on chunks of at most about this many numbers
@@ -128,7 +137,7 @@ class OmicVAE:
     @staticmethod
     def setup_anndata(
         adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
-        categorical_covariate_keys: list[str] | None = None,
+        categorical_covariate_keys: list[str] | None = None, allow_non_integer: bool = False,
     ) -> None:
         """Validate ``adata`` and record which counts and covariates to model.
 
@@ -146,32 +155,40 @@ class OmicVAE:
             explained by the covariate rather than the latent.
         categorical_covariate_keys
             Further categorical ``adata.obs`` columns given to the decoder.
+        allow_non_integer
+            Accept non-integer values (e.g. ambient-corrected counts) with a warning instead of
+            an error; the NB/ZINB likelihood is then an approximation.
         """
         setup = build_setup(adata, layer=layer, batch_key=batch_key,
-                            categorical_covariate_keys=categorical_covariate_keys)
+                            categorical_covariate_keys=categorical_covariate_keys,
+                            allow_non_integer=allow_non_integer)
         adata.uns[SETUP_KEY] = setup.to_dict()
 
     def _host_data(
-        self, adata: AnnData | None
+        self, adata: AnnData | None, *, writing: bool = False
     ) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
-        """Validated counts and covariate codes of ``adata`` (default: the training AnnData)."""
+        """Validated counts and covariate codes of ``adata`` (default: the training AnnData).
+
+        A view is read (getters) but not written into (``writing``).
+        """
         adata = self.adata if adata is None else adata
-        check_anndata_object(adata)
+        check_anndata_object(adata, allow_view=not writing)
         check_same_genes(self.var_names, adata.var_names)
         counts = get_counts(adata, self.setup.layer)
-        check_counts(adata, counts, "adata.X" if self.setup.layer is None
-                     else f"adata.layers[{self.setup.layer!r}]")
+        check_counts(adata, counts, self.setup.counts_where,
+                     allow_non_integer=self.setup.allow_non_integer)
         return counts, covariate_codes(adata, self.setup)
 
-    def _tensors(self, adata: AnnData | None) -> CountTensors:
-        return CountTensors(*self._host_data(adata), self.device)
+    def _tensors(self, adata: AnnData | None, *, writing: bool = False) -> CountTensors:
+        return CountTensors(*self._host_data(adata, writing=writing), self.device)
 
     # ------------------------------------------------------------------ training
     def train(
         self, max_epochs: int | None = None, *, batch_size: int = 128, lr: float = 1e-3,
         beta: float = 1.0, warmup_fraction: float = 0.25, validation_fraction: float = 0.1,
         early_stopping: bool | None = None, patience: int = 25, seed: int | None = None,
-        progress_bar: bool = True,
+        progress_bar: bool = True, checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 10, resume: bool = False,
     ) -> History:
         """Fit by maximizing the ELBO with Adam; returns (and keeps) the per-epoch history.
 
@@ -202,15 +219,36 @@ class OmicVAE:
             result on the CPU.
         progress_bar
             Show a tqdm bar with the ELBO.
+        checkpoint_dir
+            Folder for a training checkpoint (weights, optimizer, random state, history),
+            replaced every ``checkpoint_every`` epochs.
+        checkpoint_every
+            Epochs between checkpoints.
+        resume
+            Continue the run checkpointed in ``checkpoint_dir`` (same settings, data and seed;
+            on the CPU the result is bitwise that of an uninterrupted run). Build the model as
+            before (same ``seed``) and call ``train`` with the same arguments.
 
         Returns
         -------
         The whole history of this model (earlier ``train`` calls included), also kept as
-        ``model.history``.
+        ``model.history``. Ctrl-C ends training early: the model keeps what it learned (the
+        best validation weights with early stopping), ``history.interrupted`` is set, and a
+        warning says so.
+
+        Raises
+        ------
+        TrainingDiverged
+            (a ``FloatingPointError``) when the loss becomes NaN or infinite; the message names
+            the epoch and step, and the model keeps its last good weights and history.
         """
         if batch_size < 2:
             msg = (f"batch_size must be at least 2 (BatchNorm cannot normalize one cell), got "
                    f"{batch_size}.")
+            raise ValueError(msg)
+        check_count("checkpoint_every", checkpoint_every)
+        if resume and checkpoint_dir is None:
+            msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
             raise ValueError(msg)
         seed = self.hparams["seed"] if seed is None else seed
         n = self.adata.n_obs
@@ -225,12 +263,30 @@ class OmicVAE:
             CountTensors(counts, codes, self.device, cells=idx) if len(idx) else None
             for idx in (train_idx, val_idx)
         )
+        plan = resume_from = None
+        if checkpoint_dir is not None:
+            run = {k: v for k, v in vars(config).items() if k != "progress_bar"}
+            run |= {"seed": seed, "n_train": len(train_idx), "n_validation": len(val_idx),
+                    "n_genes": len(self.var_names), "hparams": dict(self.hparams)}
+            plan = CheckpointPlan(Path(checkpoint_dir), checkpoint_every, run)
+            resume_from = read_checkpoint(plan.directory, run) if resume else None
         generator = torch.Generator().manual_seed(seed)
-        with seeded(seed, self.device):
-            history = fit(self.module, train_data, val_data, config, generator=generator,
-                          first_epoch=len(self.history))
+        try:
+            with seeded(seed, self.device):
+                history = fit(self.module, train_data, val_data, config, generator=generator,
+                              first_epoch=len(self.history), checkpoint=plan,
+                              resume_from=resume_from)
+        except TrainingDiverged as err:
+            self.history = self.history.concat(err.history)
+            self.is_trained = len(err.history) > 0
+            raise
         self.history = self.history.concat(history)
         self.is_trained = True
+        if history.interrupted:
+            msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {max_epochs} epochs; "
+                   "the model keeps what it learned so far and model.history the completed "
+                   "epochs.")
+            warnings.warn(msg, UserWarning, stacklevel=2)
         return self.history
 
     # ------------------------------------------------------------------ outputs
@@ -536,7 +592,7 @@ class OmicVAE:
         _scores.check_n_mads(n_mads)
         check_count("n_samples", n_samples)
         adata = self.adata if adata is None else adata
-        data = self._tensors(adata)  # validated and moved to the device once for every output
+        data = self._tensors(adata, writing=True)  # validated, on the device once for all
         ev = self._evaluate(data, n_samples, seed)
         obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
                "distortion": ev.distortion.numpy()}
@@ -562,7 +618,9 @@ class OmicVAE:
         write_results(adata, results, key_added=key_added)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Save weights (``model.pt``) and JSON metadata into the folder ``path``, atomically.
+        """Save weights (tensors only) and JSON metadata into the folder ``path``, atomically.
+
+        A crash or kill mid-save leaves the previous model whole.
 
         Parameters
         ----------

@@ -16,7 +16,7 @@ def omicvae(
     device: str = "auto", key_added: str = "omicvae", layers: bool = False,
     anomaly: bool = True, contamination: float | None = None, doublets: bool = True,
     doublet_rate: float | None = None, progress_bar: bool = True, model_kwargs: dict | None = None,
-    train_kwargs: dict | None = None, copy: bool = False,
+    train_kwargs: dict | None = None, allow_non_integer: bool = False, copy: bool = False,
 ) -> AnnData | None:
     """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
 
@@ -58,6 +58,9 @@ def omicvae(
         Show the training progress bar.
     model_kwargs, train_kwargs
         Further arguments of :class:`OmicVAE` and :meth:`OmicVAE.train`.
+    allow_non_integer
+        Accept non-integer values with a warning instead of an error (the NB/ZINB likelihood
+        is then an approximation).
     copy
         Work on and return a copy instead of writing into ``adata``.
 
@@ -101,7 +104,8 @@ def omicvae(
                    "arguments instead.")
             raise ValueError(msg)
     setup = build_setup(adata, layer=layer, batch_key=batch_key,
-                        categorical_covariate_keys=categorical_covariate_keys)
+                        categorical_covariate_keys=categorical_covariate_keys,
+                        allow_non_integer=allow_non_integer)
     model = OmicVAE._from_setup(adata, setup, device=device, n_latent=n_latent,
                                 likelihood=likelihood, seed=seed, **(model_kwargs or {}))
     model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))

@@ -1,6 +1,14 @@
 """Pure torch: the training loop, the KL schedule, early stopping and the history."""
 
+from omicvae_sc.train._checkpoint import CheckpointPlan, read_checkpoint
 from omicvae_sc.train._history import History
-from omicvae_sc.train._trainer import TrainConfig, default_max_epochs, fit, kl_weight_at
+from omicvae_sc.train._trainer import (
+    TrainConfig,
+    TrainingDiverged,
+    default_max_epochs,
+    fit,
+    kl_weight_at,
+)
 
-__all__ = ["History", "TrainConfig", "default_max_epochs", "fit", "kl_weight_at"]
+__all__ = ["CheckpointPlan", "History", "TrainConfig", "TrainingDiverged", "default_max_epochs",
+           "fit", "kl_weight_at", "read_checkpoint"]

@@ -26,6 +26,7 @@ class History:
     seconds: tuple[float, ...] = ()
     stopped_early: bool = False
     best_epoch: int = -1
+    interrupted: bool = False  # ended by Ctrl-C (KeyboardInterrupt)
 
     def to_dict(self) -> dict:
         """Plain, h5ad-serializable dict of numpy arrays and scalars."""
@@ -42,7 +43,7 @@ class History:
             if name not in d:
                 continue
             value = d[name]
-            if name in ("stopped_early",):
+            if name in ("stopped_early", "interrupted"):
                 kwargs[name] = bool(value)
             elif name == "best_epoch":
                 kwargs[name] = int(value)

@@ -3,7 +3,9 @@
 Adam on the negative ELBO, a linear KL warm-up measured in optimizer steps so it always reaches
 ``beta`` (a fraction of the total steps, not a fixed number of epochs), optional early stopping on
 a validation split, and a per-epoch history. Losses are accumulated on the device and read back
-once per epoch, so there is no host synchronisation inside the step.
+once per epoch, so there is no host synchronisation inside the step; a non-finite loss is caught
+on the device too (the optimizer skips every step from it on) and reported at the epoch's end.
+Ctrl-C ends training cleanly with what was learned so far; checkpoints let a run resume.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from omicvae_sc.module import VAE
+from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
 from omicvae_sc.train._history import History
 
 
@@ -61,10 +64,54 @@ def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.beta * min(1.0, step / warmup)
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite. ``history`` holds the epochs completed before it."""
+
+    def __init__(self, message: str, history: History):
+        super().__init__(message)
+        self.history = history
+
+
+class _FiniteGuard:
+    """Stops weight updates at the first non-finite loss of an epoch without a host sync per
+    step: the fused optimizer skips its step while ``found_inf`` is set (on the device), and
+    BatchNorm statistics are kept as they were before the bad step. Checked once per epoch."""
+
+    def __init__(self, module: VAE, optimizer: torch.optim.Optimizer):
+        self.buffers = list(module.buffers())  # BatchNorm statistics and step counts
+        self.optimizer = optimizer
+
+    def start_epoch(self) -> None:
+        device = self.buffers[0].device if self.buffers else None
+        self.halted = torch.zeros((), dtype=torch.bool, device=device)
+        self.saved = [b.clone() for b in self.buffers]
+        self.losses: list[torch.Tensor] = []
+
+    def before_forward(self) -> None:
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(torch.where(self.halted, saved, buf))  # frozen once halted
+
+    def after_backward(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.losses.append(loss)
+        self.halted = self.halted | ~torch.isfinite(loss)
+        self.optimizer.found_inf = self.halted.to(torch.float32)  # read by the fused step
+
+    def first_bad_step(self) -> tuple[int, float] | None:
+        """(step within the epoch, loss) of the first non-finite loss, restoring the buffers."""
+        if not self.losses or not bool(self.halted):
+            return None
+        losses = torch.stack(self.losses)
+        i = int((~torch.isfinite(losses)).nonzero()[0, 0])
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            buf.copy_(saved)
+        return i, float(losses[i])
+
+
 def _epoch_sums(
     module: VAE, data: Minibatches, config: TrainConfig, *, train: bool,
     optimizer: torch.optim.Optimizer | None, step: int, total_steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator, guard: _FiniteGuard | None = None,
 ) -> tuple[torch.Tensor, int, float]:
     """One pass over ``data``.
 
@@ -77,10 +124,12 @@ def _epoch_sums(
         for x, codes in data.batches(config.batch_size, shuffle=train, generator=generator):
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
+                guard.before_forward()
             out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                guard.after_backward(out.loss)
                 optimizer.step()
                 step += 1
             batch_sums = torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
@@ -88,58 +137,129 @@ def _epoch_sums(
     return sums, step, kl_weight
 
 
+@dataclass
+class _Progress:
+    """What the loop has done so far: all a checkpoint needs besides weights and random state."""
+
+    epoch: int = 0  # next epoch to run
+    step: int = 0
+    rows: dict[str, list] = field(default_factory=lambda: {
+        k: [] for k in History.__dataclass_fields__
+        if k not in ("stopped_early", "best_epoch", "interrupted")})
+    best_elbo: float = float("-inf")
+    best_epoch: int = -1
+    best_state: dict | None = None
+
+    def history(self, first_epoch: int, **flags) -> History:
+        last = len(self.rows["epoch"]) - 1
+        best = first_epoch + (self.best_epoch if self.best_state is not None else last)
+        return History(**{k: tuple(v) for k, v in self.rows.items()}, best_epoch=best, **flags)
+
+
+def _checkpoint_state(progress: _Progress, module: VAE, optimizer: torch.optim.Optimizer,
+                      generator: torch.Generator, plan: CheckpointPlan,
+                      first_epoch: int) -> dict:
+    device = next(module.parameters()).device
+    return {"run": plan.run, "first_epoch": first_epoch, "epoch": progress.epoch,
+            "step": progress.step, "rows": progress.rows, "best_elbo": progress.best_elbo,
+            "best_epoch": progress.best_epoch, "best_state": progress.best_state or {},
+            "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "rng": rng_state(device)}
+
+
+def _resume(state: dict, module: VAE, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> _Progress:
+    device = next(module.parameters()).device
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"], device)
+    return _Progress(epoch=state["epoch"], step=state["step"], rows=state["rows"],
+                     best_elbo=state["best_elbo"], best_epoch=state["best_epoch"],
+                     best_state=state["best_state"] or None)
+
+
 def fit(
     module: VAE, train_data: Minibatches, validation_data: Minibatches | None,
     config: TrainConfig, *, generator: torch.Generator, first_epoch: int = 0,
+    checkpoint: CheckpointPlan | None = None, resume_from: dict | None = None,
 ) -> History:
     """Train ``module`` in place and return its history.
 
     Randomness (shuffling, dropout, the reparameterization noise) must be seeded by the caller;
-    ``generator`` drives the shuffling.
+    ``generator`` drives the shuffling. With ``checkpoint``, the state is written every
+    ``checkpoint.every`` epochs; ``resume_from`` (a checkpoint read back) continues that run.
+    Raises :class:`TrainingDiverged` on a non-finite loss, the weights left as they were
+    before it. Ctrl-C ends training early (``History.interrupted``).
     """
-    params = list(module.parameters())
     # fused: one kernel for all parameters instead of a dozen small ops per tensor
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=0.01, weight_decay=config.weight_decay,
-                                 fused=True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=0.01,
+                                 weight_decay=config.weight_decay, fused=True)
+    guard = _FiniteGuard(module, optimizer)
     total_steps = config.max_epochs * train_data.n_batches(config.batch_size)
-    rows: dict[str, list] = {k: [] for k in History.__dataclass_fields__ if k not in
-                             ("stopped_early", "best_epoch")}
-    best = (float("-inf"), -1, None)  # (validation elbo, epoch, state)
-    stopped_early, step = False, 0
-    bar = tqdm(range(config.max_epochs), disable=not config.progress_bar, desc="training",
-               unit="epoch")
-    for epoch in bar:
-        t0 = time.perf_counter()
-        sums, step, kl_weight = _epoch_sums(
-            module, train_data, config, train=True, optimizer=optimizer, step=step,
-            total_steps=total_steps, generator=generator,
-        )
-        distortion, rate = (sums / train_data.n_cells).tolist()  # one host sync per epoch
-        val = (float("nan"),) * 2
-        if validation_data is not None:
-            vsums, _, _ = _epoch_sums(
-                module, validation_data, config, train=False, optimizer=None, step=step,
-                total_steps=total_steps, generator=generator,
-            )
-            val = tuple((vsums / validation_data.n_cells).tolist())
-        _append(rows, first_epoch + epoch, distortion, rate, val, kl_weight,
-                time.perf_counter() - t0)
-        bar.set_postfix(elbo=f"{-(distortion + rate):.1f}", kl_weight=f"{kl_weight:.2f}")
-        if validation_data is not None and config.early_stopping:
-            val_elbo = -(val[0] + val[1])
-            if val_elbo > best[0]:
-                best = (val_elbo, epoch, copy.deepcopy(module.state_dict()))
-            elif epoch - best[1] >= config.patience and kl_weight >= config.beta:
-                stopped_early = True
+    progress = _Progress()
+    if resume_from is not None:
+        first_epoch = resume_from["first_epoch"]
+        progress = _resume(resume_from, module, optimizer, generator)
+    stopped_early = interrupted = False
+    bar = tqdm(range(progress.epoch, config.max_epochs), disable=not config.progress_bar,
+               desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
+    try:
+        for epoch in bar:
+            stopped_early = _run_epoch(module, train_data, validation_data, config, optimizer,
+                                       guard, generator, progress, epoch, total_steps,
+                                       first_epoch, bar)
+            if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
+                write_checkpoint(checkpoint.directory, _checkpoint_state(
+                    progress, module, optimizer, generator, checkpoint, first_epoch))
+            if stopped_early:
                 break
-    bar.close()
-    if best[2] is not None:
-        module.load_state_dict(best[2])
+    except KeyboardInterrupt:
+        interrupted = True  # keep what was learned; the caller says so
+    finally:
+        bar.close()
+    if progress.best_state is not None:
+        module.load_state_dict(progress.best_state)
     module.eval()
-    last = len(rows["epoch"]) - 1
-    best_epoch = first_epoch + (best[1] if best[2] is not None else last)
-    return History(**{k: tuple(v) for k, v in rows.items()}, stopped_early=stopped_early,
-                   best_epoch=best_epoch)
+    return progress.history(first_epoch, stopped_early=stopped_early, interrupted=interrupted)
+
+
+def _run_epoch(module, train_data, validation_data, config, optimizer, guard, generator,
+               progress: _Progress, epoch: int, total_steps: int, first_epoch: int, bar) -> bool:
+    """One epoch of training and validation, recorded in ``progress``; True to stop early."""
+    t0 = time.perf_counter()
+    guard.start_epoch()
+    sums, step, kl_weight = _epoch_sums(
+        module, train_data, config, train=True, optimizer=optimizer, step=progress.step,
+        total_steps=total_steps, generator=generator, guard=guard,
+    )
+    bad = guard.first_bad_step()
+    if bad is not None:
+        module.eval()
+        msg = (f"Training stopped: the loss became {bad[1]} at epoch {first_epoch + epoch}, "
+               f"step {bad[0]} of that epoch (optimizer step {progress.step + bad[0]}). The model "
+               "keeps its weights from before that step, and its history the epochs before it. "
+               "Lower lr, or check the counts for extreme values.")
+        raise TrainingDiverged(msg, progress.history(first_epoch))
+    progress.step = step
+    distortion, rate = (sums / train_data.n_cells).tolist()  # one host sync per epoch
+    val = (float("nan"),) * 2
+    if validation_data is not None:
+        vsums, _, _ = _epoch_sums(module, validation_data, config, train=False, optimizer=None,
+                                  step=step, total_steps=total_steps, generator=generator)
+        val = tuple((vsums / validation_data.n_cells).tolist())
+    _append(progress.rows, first_epoch + epoch, distortion, rate, val, kl_weight,
+            time.perf_counter() - t0)
+    progress.epoch = epoch + 1
+    bar.set_postfix(elbo=f"{-(distortion + rate):.1f}", kl_weight=f"{kl_weight:.2f}")
+    if validation_data is None or not config.early_stopping:
+        return False
+    val_elbo = -(val[0] + val[1])
+    if val_elbo > progress.best_elbo:
+        progress.best_elbo, progress.best_epoch = val_elbo, epoch
+        progress.best_state = copy.deepcopy(module.state_dict())
+        return False
+    return epoch - progress.best_epoch >= config.patience and kl_weight >= config.beta
 
 
 def _append(rows: dict[str, list], epoch: int, distortion: float, rate: float,
