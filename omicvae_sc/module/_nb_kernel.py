@@ -118,15 +118,19 @@ class NBLogProb(torch.autograd.Function):
         if x.shape != full[len(full) - x.dim():] or theta.dim() > x.dim():
             x = x.expand(full).contiguous()  # general broadcasting: x gets every dimension
         n_lead = len(full) - x.dim()  # sample dimensions of mu that x lacks
-        flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)  # (nnz,) positions within x
-        idx = torch.unravel_index(flat, x.shape)  # the same, per dimension of x
+        # positions of the non-zero counts, per dimension of x and flat (row-major) within x;
+        # an n-d nonzero is cheaper than a flat one plus integer division (unravel_index)
+        idx = torch.nonzero(x > 0).unbind(1)
+        flat = idx[0]
+        for i, n in zip(idx[1:], x.shape[1:], strict=True):
+            flat = flat * n + i  # (nnz,)
         xv = x.reshape(-1).index_select(0, flat)  # (nnz,)
         at = functools.partial(_flat_at, shape=full, n_lead=n_lead, flat=flat)
         nz = (at(lnb0) + xv * (torch.log(at(mu) + EPS) - at(lt))
               + _log_binom_at(xv, theta, idx))  # (*lead, nnz) log NB(x) at x > 0
         w = None
         if zi_logits is None:
-            f = lnb0.expand(full).contiguous()
+            f = lnb0.expand(full).contiguous()  # lnb0 is not needed again: filled in place
         else:
             a = lnb0 - zi_logits
             sp_neg_z = F.softplus(-zi_logits)
@@ -135,8 +139,6 @@ class NBLogProb(torch.autograd.Function):
             if want_w:  # the weights of the gradient, not of the value
                 w = torch.sigmoid(a).expand(full).contiguous()
                 w.view(*full[:n_lead], -1).index_fill_(-1, flat, 1.0)
-        if f.data_ptr() == lnb0.data_ptr():
-            f = f.clone()  # lnb0 was already full-shaped: do not overwrite it
         f.view(*full[:n_lead], -1).index_copy_(-1, flat, nz)
         ctx.n_lead = n_lead
         ctx.save_for_backward(mu, theta, zi_logits, total, lt, w, xv, flat, *idx)
