@@ -9,7 +9,13 @@ from omicvae_sc.data._setup import (
     read_setup,
 )
 from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
-from omicvae_sc.data._writeback import Results, check_key_added, output_keys, write_results
+from omicvae_sc.data._writeback import (
+    Results,
+    check_key_added,
+    output_keys,
+    write_results,
+    write_uns,
+)
 
 __all__ = [
     "SETUP_KEY",
@@ -25,4 +31,5 @@ __all__ = [
     "output_keys",
     "read_setup",
     "write_results",
+    "write_uns",
 ]

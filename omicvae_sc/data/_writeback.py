@@ -62,3 +62,14 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
     added = ", ".join(f"{attr}[{k!r}]" for attr, ks in keys.items() for k in ks)
     logger.info("omicvae_sc added %s", added)
     return keys
+
+
+def write_uns(adata: AnnData, key: str, value: dict) -> None:
+    """Write one plain dict into ``adata.uns[key]`` (never into a view), and log it."""
+    check_key_added(key)
+    if adata.is_view:
+        msg = ("adata is a view of another AnnData; omicvae_sc will not write into a view. "
+               "Run `adata = adata.copy()` first.")
+        raise ValueError(msg)
+    adata.uns[key] = value
+    logger.info("omicvae_sc added uns[%r]", key)

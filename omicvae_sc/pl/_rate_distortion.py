@@ -1,0 +1,58 @@
+"""The rate-distortion frontier of a beta sweep (``tl.rate_distortion``)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from anndata import AnnData
+
+from omicvae_sc.pl._utils import finish
+from omicvae_sc.tl._rate_distortion import RateDistortionFrontier
+
+
+def rate_distortion(source: RateDistortionFrontier | AnnData, *,
+                    key: str = "omicvae_rate_distortion", show: bool | None = None,
+                    save: str | None = None) -> plt.Figure:
+    """Plot held-out distortion against rate, one point per beta, and both against beta.
+
+    Parameters
+    ----------
+    source
+        The frontier returned by ``tl.rate_distortion``, or the AnnData it wrote to.
+    key
+        ``adata.uns`` key of the frontier.
+    show
+        Call ``plt.show()`` (default: only when not saving).
+    save
+        File to save the figure to.
+
+    Returns
+    -------
+    The matplotlib figure.
+    """
+    if isinstance(source, AnnData):
+        if key not in source.uns:
+            msg = (f"adata.uns has no {key!r}; run ov.tl.rate_distortion(adata) first, or pass "
+                   "key= naming where it wrote.")
+            raise KeyError(msg)
+        source = RateDistortionFrontier.from_dict(source.uns[key])
+    if not isinstance(source, RateDistortionFrontier):
+        msg = (f"Expected a RateDistortionFrontier or an AnnData, got "
+               f"{type(source).__name__}.")
+        raise TypeError(msg)
+    fig, (front, sweep) = plt.subplots(1, 2, figsize=(9, 3.6))
+    front.plot(source.rate, source.distortion, "o-")
+    for beta, r, d in zip(source.beta, source.rate, source.distortion, strict=True):
+        front.annotate(f"β={beta:g}", (r, d), textcoords="offset points", xytext=(4, 4),
+                       fontsize=8)
+    front.set_xlabel("rate: KL(q(z|x) || p(z)) (nats / cell)")
+    front.set_ylabel("distortion: -log p(x|z) (nats / cell)")
+    front.set_title(f"held-out frontier ({source.n_held_out} cells)")
+    sweep.plot(source.beta, source.rate, "o-", label="rate")
+    twin = sweep.twinx()
+    twin.plot(source.beta, source.distortion, "s--", color="C1", label="distortion")
+    sweep.set_xscale("log")
+    sweep.set_xlabel("β (KL weight)")
+    sweep.set_ylabel("rate", color="C0")
+    twin.set_ylabel("distortion", color="C1")
+    fig.tight_layout()
+    return finish(fig, show=show, save=save)
