@@ -73,3 +73,35 @@ def write_uns(adata: AnnData, key: str, value: dict) -> None:
         raise ValueError(msg)
     adata.uns[key] = value
     logger.info("omicvae_sc added uns[%r]", key)
+
+
+def write_keys(
+    adata: AnnData, *, obs: dict[str, np.ndarray] | None = None,
+    obsm: dict[str, np.ndarray] | None = None, uns: dict[str, dict] | None = None,
+) -> None:
+    """Validate every key and per-cell array first, then write them all (never into a view).
+
+    ``obs`` and ``obsm`` map full key names to arrays with one row per cell; ``uns`` maps keys
+    to plain, h5ad-serializable dicts. On bad input nothing is written.
+    """
+    if adata.is_view:
+        msg = ("adata is a view of another AnnData; omicvae_sc will not write into a view. "
+               "Run `adata = adata.copy()` first.")
+        raise ValueError(msg)
+    arrays = {**(obs or {}), **(obsm or {})}
+    for key in [*arrays, *(uns or {})]:
+        check_key_added(key)
+    bad = {k: np.shape(a) for k, a in arrays.items() if np.shape(a)[:1] != (adata.n_obs,)}
+    if bad:
+        msg = (f"Arrays {bad} do not have one row per cell of adata ({adata.n_obs} cells); "
+               "nothing written.")
+        raise ValueError(msg)
+    for key, arr in (obs or {}).items():
+        adata.obs[key] = np.asarray(arr)
+    for key, arr in (obsm or {}).items():
+        adata.obsm[key] = np.asarray(arr, dtype=np.float32)
+    for key, value in (uns or {}).items():
+        adata.uns[key] = value
+    added = [f"{attr}[{k!r}]" for attr, d in (("obs", obs), ("obsm", obsm), ("uns", uns))
+             for k in (d or {})]
+    logger.info("omicvae_sc added %s", ", ".join(added))
