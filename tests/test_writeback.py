@@ -62,7 +62,8 @@ def test_writes_exactly_the_documented_keys(layers, synthetic, adata_fingerprint
     added = {attr: after[attr] - before_keys[attr] for attr in ATTRS}
     assert added == _expected("omicvae", layers)
     assert all(before_keys[attr] <= after[attr] for attr in ATTRS)
-    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "anomaly", "doublet"}
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "anomaly", "doublet",
+                                        "latent_diagnostics"}
     for kind in ("anomaly", "doublet"):
         assert set(adata.uns["omicvae"][kind]) == {"rule", "value", "threshold", "n_flagged"}
 
@@ -77,7 +78,7 @@ def test_scores_can_be_switched_off(synthetic):
     _fit(adata, anomaly=False, doublets=False)
     assert {k for k in adata.obs if k.startswith("omicvae_")} == {
         "omicvae_log_likelihood", "omicvae_rate", "omicvae_distortion"}
-    assert set(adata.uns["omicvae"]) == {"params", "setup", "history"}
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "latent_diagnostics"}
 
 
 def test_documented_keys_are_the_written_keys():

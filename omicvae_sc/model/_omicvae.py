@@ -26,7 +26,7 @@ from omicvae_sc.data import (
     write_results,
 )
 from omicvae_sc.data._writeback import check_key_added, write_keys
-from omicvae_sc.model import _io, _scores
+from omicvae_sc.model import _diagnostics, _io, _scores
 from omicvae_sc.model._checks import (
     batch_code_of,
     check_count,
@@ -128,6 +128,7 @@ class OmicVAE:
         self.module.to(self.device).eval()
         self.history = History()
         self.is_trained = False
+        self.diagnostics: _diagnostics.LatentDiagnostics | None = None
 
     def __repr__(self) -> str:
         h = self.hparams
@@ -284,6 +285,7 @@ class OmicVAE:
             raise
         self.history = self.history.concat(history)
         self.is_trained = True
+        self._diagnose()
         if history.interrupted:
             msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {max_epochs} epochs; "
                    "the model keeps what it learned so far and model.history the completed "
@@ -326,6 +328,44 @@ class OmicVAE:
                 mean, var = self.module.inference(x, codes)
                 out.append(mean if give_mean else mean + var.sqrt() * torch.randn_like(mean))
         return torch.cat(out).cpu().numpy()
+
+    def get_latent_diagnostics(
+        self, adata: AnnData | None = None, *, n_cells: int = _diagnostics.MI_CELLS,
+        seed: int = 0,
+    ) -> _diagnostics.LatentDiagnostics:
+        """Posterior-collapse diagnostics: per-dimension KL, active units and I(x; z).
+
+        A dimension d is active when the variance across cells of its posterior mean E_q[z_d]
+        exceeds 0.01. The mutual information between cells and latents under the aggregate
+        posterior q(z) is estimated by Monte Carlo, I = E_x[KL(q(z|x) || p(z))] - KL(q(z) || p(z)),
+        with q(z) the mixture of the posteriors of ``n_cells`` random cells (one draw per cell,
+        log q(z) by a chunked logsumexp over those cells; at most log ``n_cells``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_cells
+            Cells in the estimate of the mutual information (all cells count for the rest).
+        seed
+            Seeds the choice of cells and the draws.
+
+        Returns
+        -------
+        A frozen ``LatentDiagnostics`` (``kl_per_dim``, ``posterior_mean_variance``, ``active``,
+        ``n_active``, ``mutual_information``; ``to_dict()`` for h5ad). After :meth:`train` the
+        diagnostics of the training cells are also kept as ``model.diagnostics``.
+        """
+        check_count("n_cells", n_cells, minimum=2)
+        return _diagnostics.latent_diagnostics(self.module, self._tensors(adata),
+                                               n_cells=n_cells, seed=seed)
+
+    def _diagnose(self) -> None:
+        """Keep the training cells' diagnostics and warn when most dimensions collapsed."""
+        self.diagnostics = self.get_latent_diagnostics()
+        msg = _diagnostics.collapse_message(self.diagnostics)
+        if msg is not None:
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     @torch.inference_mode()
     def get_normalized_expression(
@@ -605,7 +645,8 @@ class OmicVAE:
 
         Adds ``obsm['X_<key>']``, ``obs['<key>_log_likelihood' | '_rate' | '_distortion']``,
         with ``anomaly`` ``obs['<key>_anomaly_score' | '_is_anomaly']``, with ``doublets``
-        ``obs['<key>_doublet_score' | '_is_doublet']``, ``uns['<key>']`` and, with
+        ``obs['<key>_doublet_score' | '_is_doublet']``, ``uns['<key>']`` (the posterior-collapse
+        diagnostics in ``uns['<key>']['latent_diagnostics']``) and, with
         ``layers=True``, ``layers['<key>_denoised']``.
 
         Parameters
@@ -657,6 +698,8 @@ class OmicVAE:
             flags = _scores.flag_top_fraction(score, rate)
             obs |= {"doublet_score": score, "is_doublet": flags.flagged}
             uns["doublet"] = flags.to_dict()
+        uns["latent_diagnostics"] = _diagnostics.latent_diagnostics(
+            self.module, data, seed=seed).to_dict()
         results = Results(
             latent=self._latent(data), obs=obs, uns=uns,
             denoised=self._expression(data, "observed", gene_columns(self.var_names, None), None)
