@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
@@ -26,7 +27,7 @@ from omicvae_sc.data import (
     write_results,
 )
 from omicvae_sc.data._writeback import check_key_added, write_keys
-from omicvae_sc.model import _diagnostics, _io, _scores
+from omicvae_sc.model import _diagnostics, _generate, _io, _scores
 from omicvae_sc.model._checks import (
     batch_code_of,
     check_count,
@@ -633,6 +634,84 @@ class OmicVAE:
                 px = self.module.generative(z, x.sum(-1, keepdim=True), codes)
                 parts.append(sp.csr_matrix(px.sample()[:, cols].cpu().numpy()))
         return sp.vstack(parts, format="csr")
+
+    @torch.inference_mode()
+    def sample(
+        self, n_cells: int, *, batch: str | None = None,
+        library_size: float | np.ndarray | None = None, seed: int = 0,
+    ) -> AnnData:
+        """Generate new cells from the prior: z ~ N(0, I), decoded, counts from the likelihood.
+
+        Each generated cell takes the library size and covariates of a training cell drawn at
+        random (with replacement, with ``seed``), so batches and depths come in the proportions
+        of the training data.
+
+        Parameters
+        ----------
+        n_cells
+            Cells to generate.
+        batch
+            Generate every cell in this batch (a category of the model's batch key), at the
+            library sizes of that batch's training cells; ``None``: batches as in training.
+        library_size
+            Library size of every cell, or one per cell (``None``: resampled training cells').
+        seed
+            Seeds the choice of training cells, z and the counts; same seed, same cells.
+
+        Returns
+        -------
+        A new AnnData ``(n_cells, n_genes)`` with the model's ``var_names``, counts (CSR) in
+        ``X`` and ``layers['counts']``, ``obs['library_size']`` (the library the decoder mean
+        was scaled to) and a column per covariate of the model (the batch key first).
+        """
+        check_count("n_cells", n_cells)
+        counts, codes = self._host_data(None)
+        library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+        plan = _generate.plan_cells(self.setup, library, codes, n_cells=n_cells, batch=batch,
+                                    library_size=library_size, seed=seed)
+        with seeded(seed, self.device):
+            x = _generate.sample_counts(self.module, plan, self.device)
+        return _generate.as_anndata(x, plan, self.setup, self.var_names)
+
+    def posterior_predictive_check(
+        self, adata: AnnData | None = None, *, n_cells: int | None = None, seed: int = 0,
+    ) -> pd.DataFrame:
+        """Compare per-gene mean, variance and zero fraction of observed and generated cells.
+
+        For each observed cell one cell is generated from the prior, z ~ N(0, I), at the
+        observed cell's library size and covariates, so differences come from the model's
+        latent and likelihood rather than from depth or batch.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_cells
+            Compare a random subset of this many cells (``None``: all).
+        seed
+            Seeds the subset and the generated cells.
+
+        Returns
+        -------
+        DataFrame indexed by gene with ``observed_<m>`` and ``generated_<m>`` for ``m`` in
+        ``mean``, ``variance``, ``zero_fraction``; ``df.attrs`` holds the mean absolute errors
+        over genes ``'zero_fraction_mae'``, ``'log_mean_mae'`` and ``'log_variance_mae'`` (of
+        log1p values) and ``'n_cells'``.
+        """
+        counts, codes = self._host_data(adata)
+        cells = None
+        if n_cells is not None:
+            check_count("n_cells", n_cells)
+            if n_cells < counts.shape[0]:
+                rng = np.random.default_rng(seed)
+                cells = np.sort(rng.choice(counts.shape[0], size=n_cells, replace=False))
+        data = CountTensors(counts, codes, self.device, cells=cells)
+        with seeded(seed, self.device):
+            df = _generate.predictive_moments(self.module, data)
+        df.index = pd.Index(self.var_names, name="gene")
+        _generate.summarize(df)
+        df.attrs["n_cells"] = data.n_cells
+        return df
 
     # ------------------------------------------------------------------ writeback, files
     def write_results(
