@@ -27,7 +27,8 @@ def test_frontier_is_monotone_written_and_plotted(synthetic, tmp_path):
     assert frontier.monotone
     assert frontier.rate[0] > 2 * frontier.rate[-1]  # a strong KL weight empties the latent
     assert frontier.distortion[-1] > frontier.distortion[0] + 1.0
-    assert frontier.n_held_out == 60
+    assert frontier.n_held_out == 60 and frontier.n_train == 240
+    assert frontier.held_out_rate[0] > frontier.held_out_rate[-1]
     path = tmp_path / "swept.h5ad"
     synthetic.write_h5ad(path)
     back = RateDistortionFrontier.from_dict(ad.read_h5ad(path).uns[KEY])

@@ -12,7 +12,9 @@ from omicvae_sc.tl._rate_distortion import RateDistortionFrontier
 def rate_distortion(source: RateDistortionFrontier | AnnData, *,
                     key: str = "omicvae_rate_distortion", show: bool | None = None,
                     save: str | None = None) -> plt.Figure:
-    """Plot held-out distortion against rate, one point per beta, and both against beta.
+    """Plot distortion against rate, one point per beta, and rate against beta.
+
+    Both panels show the training and the held-out cells.
 
     Parameters
     ----------
@@ -39,20 +41,23 @@ def rate_distortion(source: RateDistortionFrontier | AnnData, *,
         msg = (f"Expected a RateDistortionFrontier or an AnnData, got "
                f"{type(source).__name__}.")
         raise TypeError(msg)
-    fig, (front, sweep) = plt.subplots(1, 2, figsize=(9, 3.6))
-    front.plot(source.rate, source.distortion, "o-")
+    fig, (front, sweep) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    curves = (("training", source.n_train, source.rate, source.distortion, "o-"),
+              ("held out", source.n_held_out, source.held_out_rate, source.held_out_distortion,
+               "s--"))
+    for (label, n, rate, distortion, style), color in zip(curves, ("C0", "C1"), strict=True):
+        front.plot(rate, distortion, style, color=color, label=f"{label} ({n} cells)")
+        sweep.plot(source.beta, rate, style, color=color, label=f"rate, {label}")
     for beta, r, d in zip(source.beta, source.rate, source.distortion, strict=True):
         front.annotate(f"β={beta:g}", (r, d), textcoords="offset points", xytext=(4, 4),
                        fontsize=8)
     front.set_xlabel("rate: KL(q(z|x) || p(z)) (nats / cell)")
     front.set_ylabel("distortion: -log p(x|z) (nats / cell)")
-    front.set_title(f"held-out frontier ({source.n_held_out} cells)")
-    sweep.plot(source.beta, source.rate, "o-", label="rate")
-    twin = sweep.twinx()
-    twin.plot(source.beta, source.distortion, "s--", color="C1", label="distortion")
+    front.set_title("rate-distortion frontier")
+    front.legend(fontsize=8)
     sweep.set_xscale("log")
     sweep.set_xlabel("β (KL weight)")
-    sweep.set_ylabel("rate", color="C0")
-    twin.set_ylabel("distortion", color="C1")
+    sweep.set_ylabel("rate (nats / cell)")
+    sweep.legend(fontsize=8)
     fig.tight_layout()
     return finish(fig, show=show, save=save)

@@ -89,8 +89,9 @@ def omicvae(
         Only with ``layers=True``.
     ``adata.uns['omicvae']``
         ``params``, ``setup``, ``history`` (per-epoch ELBO, rate, distortion, KL weight, time),
-        and ``anomaly`` / ``doublet``: the flag rule, its value, the threshold and the number
-        of cells flagged.
+        ``latent_diagnostics`` (per-dimension KL, active units, I(x; z); see
+        ``ov.pl.latent_diagnostics``), and ``anomaly`` / ``doublet``: the flag rule, its
+        value, the threshold and the number of cells flagged.
     """
     check_key_added(key_added)
     check_rate("contamination", contamination)

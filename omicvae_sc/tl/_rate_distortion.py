@@ -25,37 +25,50 @@ DEFAULT_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 @dataclass(frozen=True)
 class RateDistortionFrontier:
-    """Held-out rate and distortion (nats per cell, means) of one model per beta, by beta."""
+    """Mean rate and distortion (nats per cell) of one model per beta, by beta, on the cells
+    each model was trained on and on held-out cells."""
 
     beta: np.ndarray
-    rate: np.ndarray
+    rate: np.ndarray  # training cells
     distortion: np.ndarray
+    held_out_rate: np.ndarray
+    held_out_distortion: np.ndarray
+    n_train: int
     n_held_out: int
 
     @property
-    def elbo(self) -> np.ndarray:
-        """Held-out ELBO (beta = 1 objective) of each model: -(rate + distortion)."""
-        return -(self.rate + self.distortion)
+    def monotone(self) -> bool:
+        """True when, on the training cells, rate never rises and distortion never falls as
+        beta grows: the trade-off each model was trained to make."""
+        return _monotone(self.rate, self.distortion)
 
     @property
-    def monotone(self) -> bool:
-        """True when rate never rises and distortion never falls as beta grows."""
-        return bool(np.all(np.diff(self.rate) <= 0) and np.all(np.diff(self.distortion) >= 0))
+    def held_out_monotone(self) -> bool:
+        """The same on held-out cells, where overfitting at small beta can break it."""
+        return _monotone(self.held_out_rate, self.held_out_distortion)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"beta": self.beta, "rate": self.rate,
-                             "distortion": self.distortion, "elbo": self.elbo})
+        return pd.DataFrame({
+            "beta": self.beta, "rate": self.rate, "distortion": self.distortion,
+            "held_out_rate": self.held_out_rate,
+            "held_out_distortion": self.held_out_distortion,
+            "held_out_elbo": -(self.held_out_rate + self.held_out_distortion)})
 
     def to_dict(self) -> dict:
         """Plain, h5ad-serializable dict."""
-        d = {k: np.asarray(v) for k, v in asdict(self).items()}
-        return d | {"n_held_out": self.n_held_out, "monotone": self.monotone}
+        d = {k: (np.asarray(v) if isinstance(v, np.ndarray) else v)
+             for k, v in asdict(self).items()}
+        return d | {"monotone": self.monotone, "held_out_monotone": self.held_out_monotone}
 
     @classmethod
     def from_dict(cls, d: dict) -> RateDistortionFrontier:
-        return cls(beta=np.asarray(d["beta"], dtype=float), rate=np.asarray(d["rate"], dtype=float),
-                   distortion=np.asarray(d["distortion"], dtype=float),
-                   n_held_out=int(d["n_held_out"]))
+        arrays = ("beta", "rate", "distortion", "held_out_rate", "held_out_distortion")
+        return cls(**{k: np.asarray(d[k], dtype=float) for k in arrays},
+                   n_train=int(d["n_train"]), n_held_out=int(d["n_held_out"]))
+
+
+def _monotone(rate: np.ndarray, distortion: np.ndarray) -> bool:
+    return bool(np.all(np.diff(rate) <= 0) and np.all(np.diff(distortion) >= 0))
 
 
 def _check_betas(betas) -> np.ndarray:
@@ -76,11 +89,11 @@ def rate_distortion(
     device: str = "auto", model_kwargs: dict | None = None, train_kwargs: dict | None = None,
     key_added: str = "omicvae_rate_distortion", progress_bar: bool = True, copy: bool = False,
 ) -> AnnData | None:
-    """Train one model per beta and measure held-out rate and distortion: the frontier.
+    """Train one model per beta and measure its rate and distortion: the frontier.
 
-    Every model is trained on the same cells and evaluated on the same held-out cells (drawn
-    with ``seed``); the KL weight warms up to beta and early stopping uses the validation ELBO
-    at that beta (the defaults of :meth:`OmicVAE.train`).
+    Every model is trained on the same cells and evaluated on them and on the same held-out
+    cells (drawn with ``seed``, also the validation split for early stopping); the KL weight
+    warms up to beta (the defaults of :meth:`OmicVAE.train`).
 
     Parameters
     ----------
@@ -93,7 +106,7 @@ def rate_distortion(
     batch_key
         ``adata.obs`` column with the batch.
     validation_fraction
-        Share of cells held out; rate and distortion are measured on them.
+        Share of cells held out from training; rate and distortion are also measured on them.
     max_epochs
         Training epochs per model (``None``: scales with the number of cells).
     n_samples
@@ -114,8 +127,10 @@ def rate_distortion(
     Returns
     -------
     ``None``, or the copy when ``copy=True``. Writes ``adata.uns[key_added]``: ``beta``
-    (ascending), held-out mean ``rate`` and ``distortion`` per beta (nats per cell),
-    ``n_held_out`` and ``monotone`` (rate never rises and distortion never falls with beta).
+    (ascending); mean ``rate`` and ``distortion`` per beta on the training cells and
+    ``held_out_rate`` / ``held_out_distortion`` on the held-out cells (nats per cell);
+    ``n_train``, ``n_held_out``; ``monotone`` (on the training cells, rate never rises and
+    distortion never falls with beta) and ``held_out_monotone``.
     ``ov.pl.rate_distortion(adata)`` plots it.
     """
     check_key_added(key_added)
@@ -125,20 +140,24 @@ def rate_distortion(
                "them (pass betas= and validation_fraction=).")
         raise ValueError(msg)
     setup = build_setup(adata, layer=layer, batch_key=batch_key)
-    _, held_out = validation_split(adata.n_obs, validation_fraction, True, seed)
-    test = adata[held_out]  # read only: getters accept views
-    rate, distortion = [], []
+    train_idx, held_out = validation_split(adata.n_obs, validation_fraction, True, seed)
+    parts = {"train": adata[train_idx], "held_out": adata[held_out]}  # read only: views
+    found: dict[str, list[float]] = {}
     for beta in tqdm(betas, disable=not progress_bar, desc="betas"):
         model = OmicVAE._from_setup(adata, setup, device=device, seed=seed,
                                     **(model_kwargs or {}))
         model.train(max_epochs, beta=float(beta), validation_fraction=validation_fraction,
                     seed=seed, progress_bar=False, **(train_kwargs or {}))
-        ev = model._evaluate(model._tensors(test), n_samples, seed)
-        rate.append(float(ev.rate.mean()))
-        distortion.append(float(ev.distortion.mean()))
-    frontier = RateDistortionFrontier(beta=betas, rate=np.asarray(rate),
-                                      distortion=np.asarray(distortion),
-                                      n_held_out=len(held_out))
+        for name, cells in parts.items():
+            ev = model._evaluate(model._tensors(cells), n_samples, seed)
+            found.setdefault(f"{name}_rate", []).append(float(ev.rate.mean()))
+            found.setdefault(f"{name}_distortion", []).append(float(ev.distortion.mean()))
+    frontier = RateDistortionFrontier(
+        beta=betas, rate=np.asarray(found["train_rate"]),
+        distortion=np.asarray(found["train_distortion"]),
+        held_out_rate=np.asarray(found["held_out_rate"]),
+        held_out_distortion=np.asarray(found["held_out_distortion"]),
+        n_train=len(train_idx), n_held_out=len(held_out))
     target = adata.copy() if copy else adata
     write_uns(target, key_added, frontier.to_dict())
     return target if copy else None
