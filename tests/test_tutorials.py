@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -53,6 +54,9 @@ def test_tutorial_runs(notebook, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.setattr(plt, "show", lambda *args, **kwargs: None)
     monkeypatch.setenv("OMICVAE_TUTORIAL_EPOCHS", "10")
+    shared = TUTORIALS_DIR.parent.parent / "shared" / "data"
+    if "OMICVAE_SC_DATA" not in os.environ and shared.is_dir():  # real data, where present
+        monkeypatch.setenv("OMICVAE_SC_DATA", str(shared))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__main__"}
     try:
