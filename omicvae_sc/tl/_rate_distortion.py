@@ -92,8 +92,9 @@ def rate_distortion(
     """Train one model per beta and measure its rate and distortion: the frontier.
 
     Every model is trained on the same cells and evaluated on them and on the same held-out
-    cells (drawn with ``seed``, also the validation split for early stopping); the KL weight
-    warms up to beta (the defaults of :meth:`OmicVAE.train`).
+    cells (drawn with ``seed``). Every model trains for the same ``max_epochs``, with the KL
+    weight warming up to its beta, and without early stopping, so that the points differ in
+    beta only.
 
     Parameters
     ----------
@@ -146,8 +147,11 @@ def rate_distortion(
     for beta in tqdm(betas, disable=not progress_bar, desc="betas"):
         model = OmicVAE._from_setup(adata, setup, device=device, seed=seed,
                                     **(model_kwargs or {}))
+        # every beta gets the same number of epochs: early stopping would end each model at a
+        # different point of its optimization and blur the frontier (train_kwargs may turn it on)
         model.train(max_epochs, beta=float(beta), validation_fraction=validation_fraction,
-                    seed=seed, progress_bar=False, **(train_kwargs or {}))
+                    seed=seed, progress_bar=False,
+                    **({"early_stopping": False} | (train_kwargs or {})))
         for name, cells in parts.items():
             ev = model._evaluate(model._tensors(cells), n_samples, seed)
             found.setdefault(f"{name}_rate", []).append(float(ev.rate.mean()))
