@@ -97,10 +97,16 @@ class CountDecoder(nn.Module):
         self.scale = nn.Linear(n_hidden, n_genes)
         self.zi_logits = nn.Linear(n_hidden, n_genes) if zero_inflated else None
 
+    def logits(
+        self, z: torch.Tensor, cov: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the expression fractions and zero-inflation logits, each ``(..., genes)``."""
+        h = self.body(z, cov)  # (..., hidden)
+        zi = self.zi_logits(h) if self.zi_logits is not None else None
+        return self.scale(h), zi
+
     def forward(
         self, z: torch.Tensor, cov: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.body(z, cov)  # (..., hidden)
-        scale = torch.softmax(self.scale(h), dim=-1)  # (..., genes), rows sum to 1
-        zi = self.zi_logits(h) if self.zi_logits is not None else None
-        return scale, zi
+        logits, zi = self.logits(z, cov)
+        return torch.softmax(logits, dim=-1), zi  # (..., genes), rows sum to 1

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from omicvae_sc.module._distributions import make_count_distribution
+from omicvae_sc.module._fused import count_log_likelihood
 from omicvae_sc.module._nn import CountDecoder, GaussianEncoder, one_hot_covariates
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
@@ -145,6 +146,21 @@ class VAE(nn.Module):
         cov = one_hot_covariates(codes, self.n_categories)
         return self.decoder(z, cov)[0]
 
+    def log_px_z(
+        self, x: torch.Tensor, z: torch.Tensor, library: torch.Tensor,
+        codes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p(x | z) summed over genes, ``(batch,)``, for 2-D ``z`` ``(batch, n_latent)``.
+
+        Equal to ``generative(z, library, codes).log_prob(x).sum(-1)``; NB and ZINB go through
+        the fused, chunked op of :mod:`omicvae_sc.module._fused`, which never builds the
+        distribution's ``(batch, genes)`` parameters.
+        """
+        if self.likelihood == "poisson":
+            return self.generative(z, library, codes).log_prob(x).sum(-1)
+        logits, zi = self.decoder.logits(z, one_hot_covariates(codes, self.n_categories))
+        return count_log_likelihood(x, logits, library, self._theta(codes), zi)
+
     # ------------------------------------------------------------------ objective
     @staticmethod
     def kl_to_prior(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -158,8 +174,7 @@ class VAE(nn.Module):
         mean, var = self.inference(x, codes)
         z = mean + var.sqrt() * torch.randn_like(mean)  # reparameterization trick
         library = x.sum(-1, keepdim=True)  # (batch, 1) observed exposure
-        px = self.generative(z, library, codes)
-        distortion = -px.log_prob(x).sum(-1)  # (batch,)
+        distortion = -self.log_px_z(x, z, library, codes)  # (batch,)
         rate = self.kl_to_prior(mean, var)  # (batch,)
         loss = (distortion + kl_weight * rate).mean()
         return LossOutput(loss=loss, distortion=distortion, rate=rate)
