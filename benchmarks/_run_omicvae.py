@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-mc-samples", type=int, default=100, help="importance samples K")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the package's")
     parser.add_argument("--lr", type=float, default=None, help="default: the package's")
+    parser.add_argument("--precision", default=None, help="train(precision=); default: the "
+                        "package's")
     parser.add_argument("--defaults", action="store_true",
                         help="train() with every default: epochs, validation split, early "
                              "stopping (--epochs, --batch-size and --lr are ignored)")
@@ -76,8 +78,8 @@ def main() -> None:
     if args.defaults:
         history = model.train(seed=args.seed, progress_bar=False)
     else:
-        opts = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr))
-                if v is not None}
+        opts = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                  ("precision", args.precision)) if v is not None}
         history = model.train(max_epochs=args.epochs, validation_fraction=0.0, seed=args.seed,
                               progress_bar=False, **opts)
     train_seconds = time.perf_counter() - start

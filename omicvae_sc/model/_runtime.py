@@ -28,3 +28,27 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (faster than float32): a CUDA
+    GPU with bfloat16 support, or a CPU with AVX512-BF16 or AMX instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` means ``"bfloat16"`` where :func:`fast_bfloat16` holds, else ``"float32"``."""
+    if precision not in PRECISIONS:
+        msg = f"precision={precision!r} is not supported; expected one of {PRECISIONS}."
+        raise ValueError(msg)
+    if precision == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    return precision

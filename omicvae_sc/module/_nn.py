@@ -37,6 +37,24 @@ def one_hot_covariates(
     return torch.cat(parts, dim=-1)  # (batch, sum(n_categories))
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product can run in a lower precision, float32 in and out.
+
+    With ``compute_dtype`` set (``torch.bfloat16``), input, weight and bias are rounded to it
+    for the matrix product only; the weights (and Adam's state) stay float32, and so does
+    everything around the product. ``None`` (the default) is a plain float32 layer.
+    """
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        if dtype is None or dtype == x.dtype:
+            return super().forward(x)
+        out = nn.functional.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+        return out.to(x.dtype)
+
+
 class MLP(nn.Module):
     """Fully connected layers: Linear -> BatchNorm -> ReLU -> Dropout, repeated ``n_layers`` times.
 
@@ -49,7 +67,7 @@ class MLP(nn.Module):
         dims = [n_in + n_cov] + [n_out] * n_layers
         for d_in, d_out in itertools.pairwise(dims):
             layers += [
-                nn.Linear(d_in, d_out),
+                Linear(d_in, d_out),
                 # momentum/eps as in scvi-tools so comparisons are like for like
                 nn.BatchNorm1d(d_out, momentum=0.01, eps=1e-3),
                 nn.ReLU(),
@@ -94,8 +112,8 @@ class CountDecoder(nn.Module):
     ):
         super().__init__()
         self.body = MLP(n_latent, n_hidden, n_cov=n_cov, n_layers=n_layers, dropout=0.0)
-        self.scale = nn.Linear(n_hidden, n_genes)
-        self.zi_logits = nn.Linear(n_hidden, n_genes) if zero_inflated else None
+        self.scale = Linear(n_hidden, n_genes)
+        self.zi_logits = Linear(n_hidden, n_genes) if zero_inflated else None
 
     def logits(
         self, z: torch.Tensor, cov: torch.Tensor | None

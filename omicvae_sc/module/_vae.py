@@ -8,7 +8,9 @@ The prior is N(0, I); the cell's observed library size is the exposure offset of
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +107,21 @@ class VAE(nn.Module):
         n_rows = self.n_categories[0] if dispersion == "gene-batch" else 1
         # log inverse dispersion; theta = exp(log_theta) starts at 1
         self.log_theta = nn.Parameter(torch.zeros(n_rows, n_genes))
+
+    @contextlib.contextmanager
+    def matmul_dtype(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Inside the block, the gene-sized matrix products (the encoder's first layer, the
+        decoder's output heads: nearly all the arithmetic) run in ``dtype``; ``None`` leaves
+        them float32. Everything else, the likelihood included, stays float32."""
+        layers = [self.encoder.body.net[0], self.decoder.scale, self.decoder.zi_logits]
+        layers = [layer for layer in layers if layer is not None]
+        for layer in layers:
+            layer.compute_dtype = dtype
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.compute_dtype = None
 
     # ------------------------------------------------------------------ model
     def inference(

@@ -49,6 +49,11 @@ class TrainConfig:
     early_stopping: bool = False
     patience: int = 25
     progress_bar: bool = True
+    precision: str = "float32"  # of the gene-sized matrix products in training steps
+
+    @property
+    def matmul_dtype(self) -> torch.dtype | None:
+        return None if self.precision == "float32" else getattr(torch, self.precision)
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -125,7 +130,8 @@ def _epoch_sums(
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
                 guard.before_forward()
-            out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
+            with module.matmul_dtype(config.matmul_dtype if train else None):
+                out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
