@@ -14,7 +14,9 @@ Parts (``--parts``):
 ``pbmc3k``
     pbmc3k, 2,000 HVGs, 10% of cells held out (``_prep.py``). Both tools train ``--epochs``
     epochs (default 400, scvi-tools' own default at this size): scvi-tools with its default
-    batch of 128, omicvae_sc once per ``--batch-sizes`` (learning rate 1e-3 x sqrt(batch / 128)).
+    batch of 128, omicvae_sc once per ``--batch-sizes`` (learning rate 1e-3 x sqrt(batch / 128))
+    and ``--precisions`` (``train(precision=)``; ``auto``, the default, is bfloat16 matrix
+    products on a CPU with AVX512-BF16 or AMX).
     Then omicvae_sc with every default (validation split, early stopping): its wall time and
     held-out log p(x) beside scvi-tools' (time-to-quality).
 ``large``
@@ -31,6 +33,7 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import subprocess
@@ -94,13 +97,13 @@ def part_pbmc3k(args, tmp: Path) -> list[dict]:
             rows.append({"fit": f"scvi-tools, batch 128, {args.epochs} epochs", "repeat": rep,
                          **fit("scvi", *paths, tmp / "s.npz", args,
                                ["--epochs", str(args.epochs)])})
-        for bs in args.batch_sizes:
+        for bs, precision in itertools.product(args.batch_sizes, args.precisions):
             lr = 1e-3 * math.sqrt(bs / 128)
-            rows.append({"fit": f"omicvae_sc, batch {bs}, lr {lr:.2g}, {args.epochs} epochs",
-                         "repeat": rep,
+            rows.append({"fit": f"omicvae_sc, batch {bs}, lr {lr:.2g}, {precision}, "
+                                f"{args.epochs} epochs", "repeat": rep,
                          **fit("omicvae_sc", *paths, tmp / "o.npz", args,
                                ["--epochs", str(args.epochs), "--batch-size", str(bs),
-                                "--lr", str(lr)])})
+                                "--lr", str(lr), "--precision", precision])})
         rows.append({"fit": "omicvae_sc, all defaults (early stopping)", "repeat": rep,
                      **fit("omicvae_sc", *paths, tmp / "o.npz", args, ["--defaults"])})
     return [row | {"part": "pbmc3k", "likelihood": args.likelihood} for row in rows]
@@ -132,14 +135,18 @@ def report(rows: list[dict]) -> pd.DataFrame:
     cols = ["fit", "likelihood", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
             "peak_rss_mb", "train_rss_mb", "csr_mb", "model_mb", "latent_seconds",
             "marginal_ll_seconds"]
-    for part in df["part"].unique():  # ratios to scvi-tools' fits of the same part
-        mine = df["part"] == part
-        ref = df[mine & (df["tool"] == "scvi")]
+    if "repeat" not in df:
+        df["repeat"] = 0
+    df["repeat"] = df["repeat"].fillna(0).astype(int)
+    # ratios to scvi-tools' fit of the same part and repeat: the fits of one repeat run back
+    # to back, so they share the machine's conditions (on a shared machine those drift)
+    for (_, _), mine in df.groupby(["part", "repeat"]).groups.items():
+        group = df.loc[mine]
+        ref = group[group["tool"] == "scvi"]
         if len(ref):
-            df.loc[mine, "speed_ratio"] = df.loc[mine, "cells_per_s"] / ref["cells_per_s"].mean()
-            df.loc[mine, "wall_ratio"] = (ref["train_seconds"].mean()
-                                          / df.loc[mine, "train_seconds"])
-    cols += ["speed_ratio", "wall_ratio"]
+            df.loc[mine, "speed_ratio"] = group["cells_per_s"] / ref["cells_per_s"].mean()
+            df.loc[mine, "wall_ratio"] = ref["train_seconds"].mean() / group["train_seconds"]
+    cols = ["repeat", *cols, "speed_ratio", "wall_ratio"]
     return df[[c for c in cols if c in df]]
 
 
@@ -149,6 +156,9 @@ def main() -> None:
                         default=["pbmc3k", "large"])
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--precisions", nargs="+", default=["auto"],
+                        choices=["auto", "float32", "bfloat16"],
+                        help="omicvae_sc train(precision=) of the equal-epoch pbmc3k fits")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--large-cells", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)

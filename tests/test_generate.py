@@ -56,10 +56,14 @@ def test_sample_is_seed_reproducible():
 
 def test_sample_in_one_batch_and_at_a_given_depth():
     model = _trained()
-    new = model.sample(25, batch="batch1", library_size=500.0, seed=0)
+    new = model.sample(100, batch="batch1", library_size=500.0, seed=0)
+    deep = model.sample(100, batch="batch1", library_size=5000.0, seed=0)
     assert (new.obs["batch"] == "batch1").all()
     np.testing.assert_array_equal(new.obs["library_size"], 500.0)
-    assert abs(np.asarray(new.X.sum(1)).mean() - 500) < 100
+    depth, deep_depth = (float(np.asarray(a.X.sum(1)).mean()) for a in (new, deep))
+    # ZINB: the NB mean sums to the given depth and the zero inflation removes a share of it
+    assert 0.6 * 500 < depth < 1.05 * 500
+    assert 8 < deep_depth / depth < 12  # depth scales with library_size
 
 
 def test_sample_rejects_unknown_batch_and_bad_depths():
