@@ -71,8 +71,9 @@ class _Chunk:
         self.p = torch.softmax(logits[lo:hi], dim=-1)  # (c, genes) expression fractions
         self.mu = self.p * library[lo:hi]
         self.total = self.mu + (self.theta + EPS)  # θ + mu + eps
-        # log(θ + eps) and lgamma(θ), computed once per pass on θ's own shape
-        self.log_theta, self.lgamma_theta = (self.rows_of(t) for t in theta_logs)
+        # log(θ + eps), θ log(θ + eps) and lgamma(θ), computed once per pass on θ's own shape
+        self.log_theta, self.theta_log_theta, self.lgamma_theta = (
+            self.rows_of(t) for t in theta_logs)
         self.sparse = sparse
         if sparse and nz is None:  # the forward pass finds the non-zeros, backward reuses them
             r, g = torch.nonzero(self.x > 0).unbind(1)
@@ -81,6 +82,10 @@ class _Chunk:
             nz += (self.x.reshape(-1).index_select(0, flat),)
         self.nz = nz
         self.row, self.flat, self.theta_pos, self.xv = nz if sparse else (None,) * 3 + (self.x,)
+
+    def lnb0(self, lt: torch.Tensor) -> torch.Tensor:
+        """log NB(0) = θ log(θ + eps) - θ lt, ``(c, genes)``, in one pass."""
+        return torch.addcmul(self.theta_log_theta, lt, self.theta, value=-1.0)
 
     def rows_of(self, t: torch.Tensor) -> torch.Tensor:
         """This chunk's rows of a θ-shaped tensor (all of it when θ is shared by the rows)."""
@@ -102,8 +107,9 @@ class _Chunk:
         return out.index_add_(0, self.row, values)
 
 
-def _theta_logs(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.log(theta + EPS), torch.lgamma(theta)
+def _theta_logs(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_theta = torch.log(theta + EPS)
+    return log_theta, theta * log_theta, torch.lgamma(theta)
 
 
 class _CountLogLikelihood(torch.autograd.Function):
@@ -142,7 +148,7 @@ class _CountLogLikelihood(torch.autograd.Function):
 def _chunk_value(ch: _Chunk) -> torch.Tensor:
     """Per-row log-likelihood of one chunk, ``(c,)``."""
     lt = torch.log(ch.total)
-    lnb0 = (ch.log_theta - lt).mul_(ch.theta)  # (c, genes) log NB(0)
+    lnb0 = ch.lnb0(lt)
     xv, tv = ch.xv, ch.at(ch.theta)
     # log NB(x) = lnb0 + x (log(mu + eps) - lt) + lgamma(x + θ) - lgamma(θ) - lgamma(x + 1)
     nb = (ch.at(lnb0) + xv * (torch.log(ch.at(ch.mu) + EPS) - ch.at(lt))
@@ -152,7 +158,7 @@ def _chunk_value(ch: _Chunk) -> torch.Tensor:
             return nb.sum(-1)
         return lnb0.sum(-1) + ch.per_row(nb - ch.at(lnb0))
     # ZINB: x = 0 gives softplus(lnb0 - z) - softplus(-z); x > 0 gives NB(x) - softplus(z)
-    zero = F.softplus(lnb0 - ch.z).sub_(F.softplus(-ch.z))
+    zero = F.softplus(lnb0.sub_(ch.z)).sub_(F.softplus(-ch.z))  # lnb0 is not needed again
     pos = nb - F.softplus(ch.at(ch.z))
     if not ch.sparse:
         return torch.where(ch.x > 0, pos, zero).sum(-1)
@@ -160,50 +166,55 @@ def _chunk_value(ch: _Chunk) -> torch.Tensor:
 
 
 def _chunk_grads(ch: _Chunk, go, g_logits, g_zi, g_theta, digamma_theta, lo, hi) -> None:
-    """Write the gradients of one chunk's rows into the full-size gradient tensors."""
+    """Write the gradients of one chunk's rows into the full-size gradient tensors.
+
+    Dense terms are built negated where that saves a pass, and the sign goes into the
+    upstream gradient (``neg_go``), a ``(c, 1)`` column.
+    """
     inv = torch.reciprocal(ch.total)
     lt = torch.log(ch.total)
+    neg_go = -go
     w = None
     if ch.z is not None:  # weight of the NB component in a zero; 1 at a non-zero count
-        w = torch.sigmoid((ch.log_theta - lt).mul_(ch.theta).sub_(ch.z))
+        w = ch.lnb0(lt).sub_(ch.z).sigmoid_()
         if ch.sparse:
             w.view(-1).index_fill_(0, ch.flat, 1.0)
         else:
             w = torch.where(ch.x > 0, 1.0, w)
     r = ch.theta * inv  # θ / (θ + mu + eps)
-    xv, muv, invv = ch.xv, ch.at(ch.mu), ch.at(inv)
+    xv, muv, invv, tv = ch.xv, ch.at(ch.mu), ch.at(inv), ch.at(ch.theta)
     if g_logits is not None:
-        h = (r * ch.mu).neg_()  # x = 0: -w θ mu / total
+        hn = r * ch.mu  # -h; x = 0: h = -w θ mu / total
         if w is not None:
-            h.mul_(w)
-        h_pos = xv * muv / (muv + EPS) - (ch.at(ch.theta) + xv) * muv * invv
+            hn.mul_(w)
+        hn_pos = (tv + xv) * muv * invv - xv * muv / (muv + EPS)
         if ch.sparse:
-            h.view(-1).index_copy_(0, ch.flat, h_pos)
+            hn.view(-1).index_copy_(0, ch.flat, hn_pos)
         else:
-            h = torch.where(ch.x > 0, h_pos, h)
-        s = h.sum(-1, keepdim=True)  # (c, 1)
-        torch.mul(h.sub_(ch.p.mul_(s)), go, out=g_logits[lo:hi])
+            hn = torch.where(ch.x > 0, hn_pos, hn)
+        s = hn.sum(-1, keepdim=True)  # (c, 1), -sum_k h_k
+        # go (h - p sum h) = -go (hn - p s)
+        torch.mul(torch.addcmul(hn, ch.p, s, value=-1.0), neg_go, out=g_logits[lo:hi])
     if g_zi is not None:  # sigmoid(-z) - w, i.e. -sigmoid(z) at a non-zero count
-        torch.mul(torch.sigmoid(-ch.z).sub_(w), go, out=g_zi[lo:hi])
+        torch.mul(torch.neg(ch.z).sigmoid_().sub_(w), go, out=g_zi[lo:hi])
     if g_theta is not None:
-        # d lnb0 / dθ = log(θ + eps) + θ / (θ + eps) - lt - θ / total, weighted by w
-        d = lt.neg_().add_(ch.log_theta + ch.theta / (ch.theta + EPS)).sub_(r)
+        # -d lnb0 / dθ = lt + θ / total - (log(θ + eps) + θ / (θ + eps)), weighted by w
+        dn = torch.add(lt, r).sub_(ch.log_theta + ch.theta / (ch.theta + EPS))
         if w is not None:
-            d.mul_(w)
-        tv = ch.at(ch.theta)
+            dn.mul_(w)
         digamma = _digamma if ch.sparse else torch.digamma
         extra = digamma(xv + tv) - ch.at(ch.rows_of(digamma_theta)) - xv * invv
         if not ch.sparse:
-            d = d + torch.where(ch.x > 0, extra, 0.0)
+            dn = dn - torch.where(ch.x > 0, extra, 0.0)
         if g_theta.shape[0] == 1:  # one θ per gene: weighted sum over rows
-            g_theta.add_(go.reshape(1, -1) @ d)
+            g_theta.add_(neg_go.reshape(1, -1) @ dn)
             if ch.sparse:
                 g_theta.view(-1).index_add_(0, ch.theta_pos, extra * go.reshape(-1)[ch.row])
         else:
-            d.mul_(go)
+            dn.mul_(neg_go)
             if ch.sparse:
-                d.view(-1).index_add_(0, ch.flat, extra * go.reshape(-1)[ch.row])
-            g_theta[lo:hi] = d
+                dn.view(-1).index_add_(0, ch.flat, extra * go.reshape(-1)[ch.row])
+            g_theta[lo:hi] = dn
 
 
 def _digamma(y: torch.Tensor) -> torch.Tensor:
