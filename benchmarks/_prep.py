@@ -39,6 +39,15 @@ def rss_mb(field: str = "VmHWM") -> float:
     return int(line.split()[1]) / 1024
 
 
+def reset_peak_rss() -> float:
+    """Reset this process's ``VmHWM`` to its current resident memory (Linux: ``5`` written to
+    ``/proc/self/clear_refs``), so that the peak read afterwards is the peak of what follows and
+    not of the reading and set-up before it. Returns the current resident memory, MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb("VmRSS")
+
+
 def data_path(filename: str = "pbmc3k.h5ad") -> Path:
     """Path of a shared data file: ``$OMICVAE_SC_DATA/<filename>`` or ``../shared/data/...``."""
     folder = Path(os.environ.get("OMICVAE_SC_DATA", DEFAULT_DATA_DIR))

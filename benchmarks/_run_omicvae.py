@@ -10,7 +10,8 @@ Same command line and output as ``_run_scvi.py``; runs in the dev venv.  Called 
 Saved arrays (.npz): ``z_train``, ``z_test`` (posterior means, cells x 10), ``ll_test``
 (per-cell importance-weighted log p(x), 100 samples, nats), ``obs_train``, ``obs_test``,
 ``train_seconds`` (wall time of ``train()`` only), ``epochs``, ``tool``, ``version``,
-``n_train``, ``peak_rss_mb`` (VmHWM after training), ``rss_before_train_mb`` (VmRSS with the
+``n_train``, ``peak_rss_mb`` (VmHWM after training, reset just before it),
+``rss_before_train_mb`` (VmRSS with the
 data loaded), ``rss_base_mb`` (VmHWM after imports), ``csr_mb`` and ``model_mb``, and with
 ``--time-inference`` ``latent_seconds``, ``latent_cells``, ``marginal_ll_seconds``,
 ``marginal_ll_cells``.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-from _prep import rss_mb
+from _prep import reset_peak_rss, rss_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,7 +74,7 @@ def main() -> None:
         likelihood=args.likelihood,
         seed=args.seed,
     )
-    rss_before_train = rss_mb("VmRSS")  # data loaded and set up
+    rss_before_train = reset_peak_rss()  # data loaded and set up; the peak starts afresh
     start = time.perf_counter()
     if args.defaults:
         history = model.train(seed=args.seed, progress_bar=False)
