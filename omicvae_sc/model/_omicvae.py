@@ -215,8 +215,8 @@ class OmicVAE:
             throughput where the hardware has bfloat16 instructions), or ``"auto"``
             (``"bfloat16"`` on a CUDA GPU that supports it and on a CPU with AVX512-BF16 or
             AMX, else ``"float32"``; the default). Outputs and validation are always computed
-            in float32. On pbmc3k (400 epochs, batch 512) bfloat16 and float32 reach the same
-            held-out log p(x), -612.77 and -612.91 nats per cell.
+            in float32. On pbmc3k (400 epochs, batch 512) bfloat16 ended within 0.6 nats per
+            cell of float32 in held-out log p(x), 9.6 nats above scvi-tools.
 
         Returns
         -------
