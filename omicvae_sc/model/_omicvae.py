@@ -191,7 +191,7 @@ class OmicVAE:
             Stop when the validation ELBO has not improved for ``patience`` epochs after warm-up,
             and keep the best weights. ``None`` (default): on whenever there is a validation
             split. Small data overfits before the default epoch count (on the embedded 700
-            PBMCs the best validation ELBO comes at epoch 207 of 400).
+            PBMCs the best validation ELBO comes at epoch 182 of 400).
         patience
             Epochs without improvement of the validation ELBO before early stopping.
         seed
