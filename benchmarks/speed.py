@@ -140,7 +140,7 @@ def report(rows: list[dict]) -> pd.DataFrame:
     df["repeat"] = df["repeat"].fillna(0).astype(int)
     # ratios to scvi-tools' fit of the same part and repeat: the fits of one repeat run back
     # to back, so they share the machine's conditions (on a shared machine those drift)
-    for (_, _), mine in df.groupby(["part", "repeat"]).groups.items():
+    for mine in df.groupby(["part", "repeat"]).groups.values():
         group = df.loc[mine]
         ref = group[group["tool"] == "scvi"]
         if len(ref):

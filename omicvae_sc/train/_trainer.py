@@ -125,13 +125,14 @@ def _epoch_sums(
     module.train(train)
     sums = None
     kl_weight = kl_weight_at(step, total_steps, config)
-    with torch.set_grad_enabled(train):
+    # the precision is set once per pass; validation runs in float32
+    precision = module.matmul_dtype(config.matmul_dtype if train else None)
+    with torch.set_grad_enabled(train), precision:
         for x, codes in data.batches(config.batch_size, shuffle=train, generator=generator):
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
                 guard.before_forward()
-            with module.matmul_dtype(config.matmul_dtype if train else None):
-                out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
+            out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
