@@ -83,7 +83,7 @@ class CountTensors:
         be summed on the host, so an accelerator is not waited for.
         """
         if self.dense is not None:
-            return self.dense[idx]
+            return self.dense.index_select(0, idx)  # parallel, unlike dense[idx]
         if self._cells is not None:
             idx = self._cells[idx]
             if idx_host is not None:
