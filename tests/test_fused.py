@@ -75,3 +75,21 @@ def test_vae_log_px_z_equals_the_generative_distribution(likelihood, dispersion)
     expected = vae.generative(z, library, codes).log_prob(x).sum(-1)
     torch.testing.assert_close(vae.log_px_z(x, z, library, codes), expected,
                                rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("zinb", [False, True])
+def test_positions_given_by_the_caller_give_the_same_values_and_gradients(zinb):
+    """The loader's positions of the non-zero counts (in any order) replace the search."""
+    x, logits, library, theta, zi = _inputs(zinb=zinb)
+    params = [logits, theta] + ([zi] if zinb else [])
+    flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+    shuffled = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))]
+    searched = count_log_likelihood(x, logits, library, theta, zi, chunk_elements=41 * 4)
+    given = count_log_likelihood(x, logits, library, theta, zi, chunk_elements=41 * 4,
+                                 nonzero=shuffled)
+    torch.testing.assert_close(given, searched, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(given.sum(), params),
+                    torch.autograd.grad(searched.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    missing = count_log_likelihood(x, logits, library, theta, zi, nonzero=flat[1:])
+    assert not torch.allclose(missing, searched)  # the positions are really used

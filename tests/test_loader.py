@@ -52,8 +52,8 @@ def test_cpu_keeps_large_data_as_csr_without_copying(monkeypatch):
     monkeypatch.setattr(_loader, "CPU_DENSE_LIMIT_BYTES", 300 * 40 * 4 - 1)
     held = CountTensors(counts, None, "cpu")
     assert held.dense is None
-    assert np.shares_memory(held.values.numpy(), counts.data)
-    assert np.shares_memory(held.indices.numpy(), counts.indices)
+    assert np.shares_memory(held._csr.values.numpy(), counts.data)
+    assert np.shares_memory(held._csr.indices.numpy(), counts.indices)
     monkeypatch.setattr(_loader, "CPU_DENSE_LIMIT_BYTES", 300 * 40 * 4)
     assert CountTensors(counts, None, "cpu").dense is not None
 
@@ -79,3 +79,36 @@ def test_csr_rows_sized_on_the_host_match_rows_sized_on_the_device():
     via_device = holder.rows(torch.as_tensor(pick))
     np.testing.assert_array_equal(via_host.numpy(), dense[cells[pick]])
     np.testing.assert_array_equal(via_device.numpy(), via_host.numpy())
+
+
+@pytest.mark.parametrize("dense_limit_bytes", [0, 2**30])
+@pytest.mark.parametrize("with_cells", [False, True])
+def test_minibatches_say_where_their_non_zero_counts_are(dense_limit_bytes, with_cells):
+    """The positions the loader gives the likelihood are exactly the non-zero counts, also when
+    the CSR matrix stores zeros and repeated entries, and the caller's matrix stays as it was."""
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.4, size=(40, 30)).astype(np.float32)
+    dense[39, 3] = 2.0
+    counts = sp.csr_matrix(dense)
+    counts.data[::7] = 0.0  # stored zeros
+    dense = counts.toarray()
+    counts = sp.csr_matrix((np.r_[counts.data, 1.0], np.r_[counts.indices, 3],
+                            np.r_[counts.indptr[:-1], counts.indptr[-1] + 1]), shape=(40, 30))
+    dense[39, 3] += 1.0  # the last row repeats gene 3
+    assert not counts.has_canonical_format and (counts.data == 0).any()
+    before = counts.copy()
+    cells = np.arange(3, 40, 2) if with_cells else None
+    held = CountTensors(counts, None, "cpu", dense_limit_bytes=dense_limit_bytes, cells=cells)
+    seen = []
+    for x, codes, positions in held.batches(8, shuffle=True, nonzero=True,
+                                             generator=torch.Generator().manual_seed(0)):
+        assert codes is None
+        np.testing.assert_array_equal(np.sort(positions.numpy()),
+                                      torch.nonzero(x.reshape(-1)).squeeze(1).numpy())
+        seen.append(x)
+    expected = dense if cells is None else dense[cells]
+    np.testing.assert_array_equal(np.sort(torch.cat(seen).sum(0).numpy()),
+                                  np.sort(expected.sum(0)))
+    for a, b in ((counts.data, before.data), (counts.indices, before.indices),
+                 (counts.indptr, before.indptr)):
+        np.testing.assert_array_equal(a, b)

@@ -58,49 +58,43 @@ class CountTensors:
         else:
             self.codes = None
         self.dense: torch.Tensor | None = None
+        self._csr: _CSRIndex | None = None  # where the non-zero counts are
         self._cells: torch.Tensor | None = None  # CSR rows served, when not all
         if self.n_cells * self.n_genes * 4 <= dense_limit_bytes:
             part = counts if cells is None else counts[cells]
             arr = part.toarray() if sp.issparse(part) else np.asarray(part)
             self.dense = torch.as_tensor(arr, dtype=torch.float32, device=self.device)
         else:
-            csr = sp.csr_matrix(counts)
-            # no copy where the dtypes already match (int32 gene indices, float32 counts)
-            self._indptr_host = csr.indptr.astype(np.int64)  # minibatch sizes without a sync
-            self.indptr = torch.as_tensor(self._indptr_host, device=self.device)
-            self.indices = torch.as_tensor(csr.indices.astype(np.int32, copy=False),
-                                           device=self.device)
-            self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False),
-                                          device=self.device)
+            self._csr = _CSRIndex(counts, self.device)
             if cells is not None:
                 self._cells_host = np.asarray(cells, dtype=np.int64)
                 self._cells = torch.as_tensor(self._cells_host, device=self.device)
 
-    def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None) -> torch.Tensor:
+    def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None, *,
+             nonzero: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``.
 
         ``idx_host``, the same indices in host memory, lets the non-zero count of the minibatch
-        be summed on the host, so an accelerator is not waited for.
+        be summed on the host, so an accelerator is not waited for. With ``nonzero``, also the
+        row-major positions of the non-zero counts in the returned matrix (int64), which the
+        likelihood would otherwise have to search for.
         """
         if self.dense is not None:
-            return self.dense.index_select(0, idx)  # parallel, unlike dense[idx]
+            x = self.dense.index_select(0, idx)  # parallel, unlike dense[idx]
+            if not nonzero:
+                return x
+            if self._csr is None:  # built on first use: only training asks for positions
+                self._csr = _CSRIndex(self.dense.cpu().numpy(), self.device)
+            row, cols, _ = self._csr.entries(idx, idx_host)
+            return x, row * self.n_genes + cols
         if self._cells is not None:
             idx = self._cells[idx]
             if idx_host is not None:
                 idx_host = self._cells_host[idx_host]
-        start, stop = self.indptr[idx], self.indptr[idx + 1]
-        lengths = stop - start  # (batch,) non-zeros per cell
-        if idx_host is None:
-            total = int(lengths.sum())  # waits for the device
-        else:
-            total = int((self._indptr_host[idx_host + 1] - self._indptr_host[idx_host]).sum())
-        row = torch.repeat_interleave(torch.arange(len(idx), device=self.device), lengths,
-                                      output_size=total)
-        first = torch.cumsum(lengths, 0) - lengths  # where each cell's run starts in the output
-        pos = start[row] + torch.arange(total, device=self.device) - first[row]
+        row, cols, values = self._csr.entries(idx, idx_host)
         out = torch.zeros(len(idx), self.n_genes, device=self.device)
-        out[row, self.indices[pos]] = self.values[pos]
-        return out
+        out[row, cols] = values
+        return (out, row * self.n_genes + cols) if nonzero else out
 
     def _bounds(self, batch_size: int) -> list[int]:
         """Minibatch boundaries; a trailing one-cell batch is folded into the one before it."""
@@ -114,9 +108,11 @@ class CountTensors:
         return len(self._bounds(batch_size)) - 1
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(counts, codes)`` minibatches covering every cell once.
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+        nonzero: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``(counts, codes)`` minibatches covering every cell once, or with ``nonzero``
+        ``(counts, codes, positions)``, the positions as in :meth:`rows`.
 
         A trailing batch of a single cell is folded into the one before it, because BatchNorm
         cannot normalize one sample in training mode.
@@ -129,4 +125,42 @@ class CountTensors:
         host = host.numpy()
         for lo, hi in itertools.pairwise(self._bounds(batch_size)):
             idx = order[lo:hi]
-            yield self.rows(idx, host[lo:hi]), None if self.codes is None else self.codes[idx]
+            codes = None if self.codes is None else self.codes[idx]
+            if nonzero:
+                x, positions = self.rows(idx, host[lo:hi], nonzero=True)
+                yield x, codes, positions
+            else:
+                yield self.rows(idx, host[lo:hi]), codes
+
+
+class _CSRIndex:
+    """The non-zero counts of a matrix in CSR form, on a device, gathered row by row."""
+
+    def __init__(self, counts: np.ndarray | sp.spmatrix, device: torch.device):
+        csr = sp.csr_matrix(counts)
+        if not csr.has_canonical_format or (csr.data == 0).any():
+            # stored zeros or repeated entries: a cleaned copy, the caller's matrix untouched
+            csr = csr.copy()
+            csr.sum_duplicates()
+            csr.eliminate_zeros()
+        # no copy where the dtypes already match (int32 gene indices, float32 counts)
+        self._indptr_host = csr.indptr.astype(np.int64)  # minibatch sizes without a sync
+        self.indptr = torch.as_tensor(self._indptr_host, device=device)
+        self.indices = torch.as_tensor(csr.indices.astype(np.int32, copy=False), device=device)
+        self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False), device=device)
+
+    def entries(self, idx: torch.Tensor, idx_host: np.ndarray | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row in the minibatch, gene, count) of every non-zero count of the rows ``idx``."""
+        device = self.indptr.device
+        start, stop = self.indptr[idx], self.indptr[idx + 1]
+        lengths = stop - start  # (batch,) non-zeros per cell
+        if idx_host is None:
+            total = int(lengths.sum())  # waits for the device
+        else:
+            total = int((self._indptr_host[idx_host + 1] - self._indptr_host[idx_host]).sum())
+        row = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths,
+                                      output_size=total)
+        first = torch.cumsum(lengths, 0) - lengths  # where each cell's run starts in the output
+        pos = start[row] + torch.arange(total, device=device) - first[row]
+        return row, self.indices[pos].long(), self.values[pos]

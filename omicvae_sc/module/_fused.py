@@ -45,7 +45,7 @@ on the project's CPU)."""
 def count_log_likelihood(
     x: torch.Tensor, logits: torch.Tensor, library: torch.Tensor, theta: torch.Tensor,
     zi_logits: torch.Tensor | None = None, *, sparse: bool | None = None,
-    chunk_elements: int | None = None,
+    chunk_elements: int | None = None, nonzero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log p(x | z)`` summed over genes, ``(batch,)``, for NB (or ZINB with ``zi_logits``).
 
@@ -67,6 +67,9 @@ def count_log_likelihood(
     chunk_elements
         Entries per chunk of rows (default: ``CHUNK_ELEMENTS`` on the CPU, the whole batch
         elsewhere).
+    nonzero
+        Row-major positions of the non-zero counts of ``x`` (int64), when the caller knows them
+        (the minibatch loader does); searched for otherwise. Used by ``sparse`` only.
     """
     on_cpu = x.device.type == "cpu"
     sparse = on_cpu if sparse is None else sparse
@@ -75,17 +78,20 @@ def count_log_likelihood(
     rows = max(1, chunk_elements // max(1, x.shape[-1]))
     # inside forward() autograd is off and needs_input_grad ignores it: pass it along
     grads = torch.is_grad_enabled()
-    return _CountLogLikelihood.apply(x, logits, library, theta, zi_logits, sparse, rows, grads)
+    return _CountLogLikelihood.apply(x, logits, library, theta, zi_logits, sparse, rows, grads,
+                                     nonzero)
 
 
 class _Counts:
     """The entries with non-zero counts: gathered into vectors (sparse), or all entries with a
     mask (dense, where finding them would synchronize with the device)."""
 
-    def __init__(self, x: torch.Tensor, theta_shared: bool, sparse: bool):
+    def __init__(self, x: torch.Tensor, theta_shared: bool, sparse: bool,
+                 flat: torch.Tensor | None = None):
         self.sparse, self.shape = sparse, x.shape
         if sparse:
-            flat = torch.nonzero(x.reshape(-1)).squeeze(1)  # row-major positions
+            if flat is None:  # row-major positions
+                flat = torch.nonzero(x.reshape(-1)).squeeze(1)
             self.flat, self.row = flat, torch.div(flat, x.shape[1], rounding_mode="floor")
             self.theta_pos = flat - self.row * x.shape[1] if theta_shared else flat
             self.x = x.reshape(-1).index_select(0, flat)
@@ -145,12 +151,12 @@ def _log_softmax_normalizer(logits: torch.Tensor, rows: int) -> torch.Tensor:
 
 class _CountLogLikelihood(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, logits, library, theta, zi, sparse, rows, grads):
+    def forward(ctx, x, logits, library, theta, zi, sparse, rows, grads, nonzero):
         _, need_logits, _, need_theta, need_zi = (grads and n for n in ctx.needs_input_grad[:5])
         need_zi = need_zi and zi is not None
         log_theta, theta_log_theta, lgamma_theta = _theta_logs(theta)
         lse = _log_softmax_normalizer(logits, rows)  # (batch, 1)
-        nz = _Counts(x, theta.shape[0] == 1, sparse)
+        nz = _Counts(x, theta.shape[0] == 1, sparse, nonzero)
         corr = _correction(nz, logits, lse, library, theta, zi, log_theta, theta_log_theta,
                            lgamma_theta, grads=need_logits or need_theta or need_zi)
         # gradient factors, written by the sweep: d/dlogits = -go * f_logits, d/dzi = go * f_zi,
@@ -187,7 +193,7 @@ class _CountLogLikelihood(torch.autograd.Function):
         g_theta = None
         if f_theta is not None:
             g_theta = -go.reshape(1, -1) @ f_theta if ctx.theta_shape[0] == 1 else f_theta * -go
-        return None, g_logits, None, g_theta, g_zi, None, None, None
+        return None, g_logits, None, g_theta, g_zi, None, None, None, None
 
 
 def _rows(t: torch.Tensor, sl: slice) -> torch.Tensor:

@@ -165,18 +165,19 @@ class VAE(nn.Module):
 
     def log_px_z(
         self, x: torch.Tensor, z: torch.Tensor, library: torch.Tensor,
-        codes: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None, nonzero: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log p(x | z) summed over genes, ``(batch,)``, for 2-D ``z`` ``(batch, n_latent)``.
 
         Equal to ``generative(z, library, codes).log_prob(x).sum(-1)``; NB and ZINB go through
         the fused, chunked op of :mod:`omicvae_sc.module._fused`, which never builds the
-        distribution's ``(batch, genes)`` parameters.
+        distribution's ``(batch, genes)`` parameters; ``nonzero`` (row-major positions of the
+        non-zero counts, when known) saves it searching for them.
         """
         if self.likelihood == "poisson":
             return self.generative(z, library, codes).log_prob(x).sum(-1)
         logits, zi = self.decoder.logits(z, one_hot_covariates(codes, self.n_categories))
-        return count_log_likelihood(x, logits, library, self._theta(codes), zi)
+        return count_log_likelihood(x, logits, library, self._theta(codes), zi, nonzero=nonzero)
 
     # ------------------------------------------------------------------ objective
     @staticmethod
@@ -185,13 +186,17 @@ class VAE(nn.Module):
         return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
 
     def loss(
-        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, kl_weight: float = 1.0
+        self, x: torch.Tensor, codes: torch.Tensor | None = None, *, kl_weight: float = 1.0,
+        nonzero: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Negative ELBO with a weight on the KL term (beta), from one reparameterized sample."""
+        """Negative ELBO with a weight on the KL term (beta), from one reparameterized sample.
+
+        ``nonzero``: row-major positions of the non-zero counts of ``x``, when known.
+        """
         mean, var = self.inference(x, codes)
         z = mean + var.sqrt() * torch.randn_like(mean)  # reparameterization trick
         library = x.sum(-1, keepdim=True)  # (batch, 1) observed exposure
-        distortion = -self.log_px_z(x, z, library, codes)  # (batch,)
+        distortion = -self.log_px_z(x, z, library, codes, nonzero)  # (batch,)
         rate = self.kl_to_prior(mean, var)  # (batch,)
         loss = (distortion + kl_weight * rate).mean()
         return LossOutput(loss=loss, distortion=distortion, rate=rate)

@@ -32,8 +32,9 @@ class Minibatches(Protocol):
     def n_batches(self, batch_size: int) -> int: ...
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]: ...
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+        nonzero: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,16 @@ def _epoch_sums(
     kl_weight = kl_weight_at(step, total_steps, config)
     # the precision is set once per pass; validation runs in float32
     precision = module.matmul_dtype(config.matmul_dtype if train else None)
+    # on the CPU the loader says where the non-zero counts are, for the likelihood's sparse terms
+    nonzero = next(module.parameters()).device.type == "cpu"
     with torch.set_grad_enabled(train), precision:
-        for x, codes in data.batches(config.batch_size, shuffle=train, generator=generator):
+        for x, codes, *positions in data.batches(config.batch_size, shuffle=train,
+                                                 generator=generator, nonzero=nonzero):
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
                 guard.before_forward()
-            out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0)
+            out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0,
+                              nonzero=positions[0] if positions else None)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
