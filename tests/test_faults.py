@@ -31,14 +31,14 @@ def _inject(model: OmicVAE, at_call: int, fault):
     the state dict as it was just before that call."""
     original, calls, before = model.module.loss, [0], {}
 
-    def loss(x, codes=None, *, kl_weight=1.0):
+    def loss(x, codes=None, *, kl_weight=1.0, nonzero=None):
         if model.module.training:
             calls[0] += 1
             if calls[0] == at_call:
                 before.update(copy.deepcopy(model.module.state_dict()))
-                out = original(x, codes, kl_weight=kl_weight)
+                out = original(x, codes, kl_weight=kl_weight, nonzero=nonzero)
                 return fault(out)
-        return original(x, codes, kl_weight=kl_weight)
+        return original(x, codes, kl_weight=kl_weight, nonzero=nonzero)
 
     model.module.loss = loss
     return before

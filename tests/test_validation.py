@@ -118,6 +118,25 @@ def test_negative_values_are_rejected(entry, fmt, dtype, synthetic, adata_finger
                      r"adata\.X holds negative values \(first -1 at cell 'cell5', gene 'gene7'\)")
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize(("bad", "what"), [(np.nan, "NaN or infinite"), (-3.0, "negative"),
+                                           (2.5, "non-integer")])
+def test_checks_in_small_blocks_still_find_a_late_bad_value(monkeypatch, fmt, bad, what,
+                                                            synthetic, adata_fingerprint):
+    """The count checks run a block at a time (their temporaries stay small); a bad value in the
+    last block is found and located all the same."""
+    from omicvae_sc.data import _validate
+
+    monkeypatch.setattr(_validate, "CHECK_BLOCK", 7)
+    dense = _dense(synthetic)
+    last = dense.shape[0] - 1
+    dense[last, 3] = bad
+    adata = _with_x(synthetic, dense, fmt)
+    _assert_rejected(_setup, adata, adata_fingerprint, ValueError,
+                     rf"adata\.X holds {what} values \(first .* at cell 'cell{last}', "
+                     r"gene 'gene3'\)")
+
+
 @ENTRY_POINTS
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize(("bad", "shown"), [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")])

@@ -1,6 +1,6 @@
 """The AnnData boundary: the only code that reads or writes AnnData."""
 
-from omicvae_sc.data._loader import CountTensors
+from omicvae_sc.data._loader import CountTensors, stack_rows
 from omicvae_sc.data._setup import (
     SETUP_KEY,
     AnnDataSetup,
@@ -30,6 +30,7 @@ __all__ = [
     "get_counts",
     "output_keys",
     "read_setup",
+    "stack_rows",
     "write_results",
     "write_uns",
 ]

@@ -8,7 +8,7 @@ dense copy is kept only for small data, so host memory stays near the size of th
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -133,12 +133,35 @@ class CountTensors:
                 yield self.rows(idx, host[lo:hi]), codes
 
 
+def stack_rows(n_rows: int, parts: Iterable) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Concatenate per-chunk results (tensors, or tuples of them) along their first axis into
+    tensors of ``n_rows`` rows allocated with the first chunk.
+
+    Unlike collecting the chunks and ``torch.cat``, no chunk result outlives its chunk: small
+    results kept alive between a chunk's large temporaries pin those pieces of the heap, and
+    the process's memory grows with the number of chunks.
+    """
+    out, lo = None, 0
+    for part in parts:
+        single = isinstance(part, torch.Tensor)
+        part = (part,) if single else tuple(part)
+        if out is None:
+            out = tuple(t.new_empty((n_rows, *t.shape[1:])) for t in part)
+        for full, t in zip(out, part, strict=True):
+            full[lo:lo + len(t)] = t
+        lo += len(part[0])
+    if out is None or lo != n_rows:
+        msg = f"stack_rows: the chunks hold {lo} rows, not {n_rows}"
+        raise ValueError(msg)
+    return out[0] if single else out
+
+
 class _CSRIndex:
     """The non-zero counts of a matrix in CSR form, on a device, gathered row by row."""
 
     def __init__(self, counts: np.ndarray | sp.spmatrix, device: torch.device):
         csr = sp.csr_matrix(counts)
-        if not csr.has_canonical_format or (csr.data == 0).any():
+        if not csr.has_canonical_format or np.count_nonzero(csr.data) < csr.data.size:
             # stored zeros or repeated entries: a cleaned copy, the caller's matrix untouched
             csr = csr.copy()
             csr.sum_duplicates()

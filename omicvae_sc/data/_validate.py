@@ -70,6 +70,16 @@ def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
     return str(adata.obs_names[row]), str(adata.var_names[col]), value
 
 
+CHECK_BLOCK = 2**20
+"""Values checked at a time: the checks' temporaries stay a few MiB, not the matrix's size."""
+
+
+def _any_in_blocks(values: np.ndarray, bad) -> bool:
+    """Whether ``bad(v)`` holds anywhere in ``values``, a block of rows (or values) at a time."""
+    step = max(1, CHECK_BLOCK // max(1, int(np.prod(values.shape[1:]))))
+    return any(bool(bad(values[i:i + step]).any()) for i in range(0, values.shape[0], step))
+
+
 def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool = False
                  ) -> np.ndarray:
     """Raise unless ``matrix`` holds finite, non-negative integers and every cell has a count.
@@ -93,7 +103,7 @@ def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool 
     ]
     if np.issubdtype(values.dtype, np.floating):
         for bad, what, todo in checks:
-            if bad(values).any():
+            if _any_in_blocks(values, bad):
                 cell, gene, value = _where(adata, matrix, bad)
                 msg = f"{where} holds {what} (first {value:g} at cell {cell!r}, gene {gene!r}). "
                 if what == "non-integer values" and allow_non_integer:
@@ -102,7 +112,7 @@ def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool 
                     warnings.warn(msg, UserWarning, stacklevel=2)
                     continue
                 raise ValueError(msg + todo)
-    elif (values < 0).any():
+    elif _any_in_blocks(values, lambda v: v < 0):
         cell, gene, value = _where(adata, matrix, lambda v: v < 0)
         msg = f"{where} holds negative values (first {value:g} at cell {cell!r}, gene {gene!r})."
         raise ValueError(msg)

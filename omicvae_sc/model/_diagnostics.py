@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from omicvae_sc.data import CountTensors
+from omicvae_sc.data import CountTensors, stack_rows
 from omicvae_sc.module import VAE
 
 ACTIVE_THRESHOLD = 0.01
@@ -22,8 +22,9 @@ this (Burda et al. 2016, "Importance Weighted Autoencoders", section 5.2)."""
 MI_CELLS = 2000
 """Cells in the Monte Carlo estimate of the aggregate posterior q(z) (default ``n_cells``)."""
 
-CHUNK_ELEMENTS = 2**22
-"""Pairwise log q(z_i | x_j) is computed in chunks of rows holding about this many numbers."""
+CHUNK_ELEMENTS = 2**20
+"""Pairwise log q(z_i | x_j) is computed in chunks of rows holding about this many numbers
+(4 MiB of float32: the diagnostics run inside ``train()``, whose peak memory counts)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ def posterior_moments(
     module: VAE, data: CountTensors, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(z|x) of every cell, each ``(n_cells, n_latent)``."""
-    parts = [module.inference(x, codes) for x, codes in data.batches(batch_size, shuffle=False)]
-    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+    return stack_rows(data.n_cells, (module.inference(x, codes)
+                                     for x, codes in data.batches(batch_size, shuffle=False)))
 
 
 def log_aggregate_posterior(
@@ -105,12 +106,14 @@ def log_aggregate_posterior(
     n_mix, n_latent = mean.shape
     log_norm = -0.5 * (torch.log(var) + math.log(2 * math.pi)).sum(-1)  # (M,)
     step = max(1, CHUNK_ELEMENTS // max(1, n_mix * n_latent))
-    out = []
-    for lo in range(0, len(z), step):
-        diff = z[lo:lo + step, None, :] - mean[None]  # (chunk, M, latent)
-        log_q = log_norm - 0.5 * (diff.pow(2) / var).sum(-1)  # (chunk, M)
-        out.append(torch.logsumexp(log_q, dim=1) - math.log(n_mix))
-    return torch.cat(out)
+
+    def chunks():
+        for lo in range(0, len(z), step):
+            diff = z[lo:lo + step, None, :] - mean[None]  # (chunk, M, latent)
+            log_q = log_norm - 0.5 * (diff.pow(2) / var).sum(-1)  # (chunk, M)
+            yield torch.logsumexp(log_q, dim=1) - math.log(n_mix)
+
+    return stack_rows(len(z), chunks())
 
 
 def mutual_information(

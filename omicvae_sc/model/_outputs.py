@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from omicvae_sc.data import CountTensors
+from omicvae_sc.data import CountTensors, stack_rows
 from omicvae_sc.model._checks import (
     batch_code_of,
     gene_columns,
@@ -47,12 +47,13 @@ def get_latent_representation(
 @torch.inference_mode()
 def _latent(self: OmicVAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0
             ) -> np.ndarray:
-    out = []
-    with seeded(seed, self.device):
+    def chunks():
         for x, codes in self._chunks(data):
             mean, var = self.module.inference(x, codes)
-            out.append(mean if give_mean else mean + var.sqrt() * torch.randn_like(mean))
-    return torch.cat(out).cpu().numpy()
+            yield mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
+
+    with seeded(seed, self.device):
+        return stack_rows(data.n_cells, chunks()).cpu().numpy()
 
 
 @torch.inference_mode()

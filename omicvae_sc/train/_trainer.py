@@ -87,11 +87,16 @@ class _FiniteGuard:
         self.buffers = list(module.buffers())  # BatchNorm statistics and step counts
         self.optimizer = optimizer
 
-    def start_epoch(self) -> None:
+    def start_epoch(self, n_steps: int) -> None:
         device = self.buffers[0].device if self.buffers else None
+        # everything a step writes is allocated here, once per epoch: small tensors made and
+        # kept by each step would pin fragments of the heap until the epoch ends
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.optimizer.found_inf = self.found_inf  # read by the fused step
         self.saved = [b.clone() for b in self.buffers]
-        self.losses: list[torch.Tensor] = []
+        self.losses = torch.zeros(n_steps, device=device)
+        self.n_steps = 0
 
     def before_forward(self) -> None:
         for saved, buf in zip(self.saved, self.buffers, strict=True):
@@ -99,15 +104,16 @@ class _FiniteGuard:
 
     def after_backward(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
-        self.losses.append(loss)
-        self.halted = self.halted | ~torch.isfinite(loss)
-        self.optimizer.found_inf = self.halted.to(torch.float32)  # read by the fused step
+        self.losses[self.n_steps] = loss
+        self.n_steps += 1
+        torch.logical_or(self.halted, ~torch.isfinite(loss), out=self.halted)
+        self.found_inf.copy_(self.halted)
 
     def first_bad_step(self) -> tuple[int, float] | None:
         """(step within the epoch, loss) of the first non-finite loss, restoring the buffers."""
-        if not self.losses or not bool(self.halted):
+        if not self.n_steps or not bool(self.halted):
             return None
-        losses = torch.stack(self.losses)
+        losses = self.losses[:self.n_steps]
         i = int((~torch.isfinite(losses)).nonzero()[0, 0])
         for saved, buf in zip(self.saved, self.buffers, strict=True):
             buf.copy_(saved)
@@ -240,7 +246,7 @@ def _run_epoch(module, train_data, validation_data, config, optimizer, guard, ge
                progress: _Progress, epoch: int, total_steps: int, first_epoch: int, bar) -> bool:
     """One epoch of training and validation, recorded in ``progress``; True to stop early."""
     t0 = time.perf_counter()
-    guard.start_epoch()
+    guard.start_epoch(train_data.n_batches(config.batch_size))
     sums, step, kl_weight = _epoch_sums(
         module, train_data, config, train=True, optimizer=optimizer, step=progress.step,
         total_steps=total_steps, generator=generator, guard=guard,
