@@ -112,3 +112,17 @@ def test_minibatches_say_where_their_non_zero_counts_are(dense_limit_bytes, with
     for a, b in ((counts.data, before.data), (counts.indices, before.indices),
                  (counts.indptr, before.indptr)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_stack_rows_fills_one_tensor_per_output_and_checks_the_row_count():
+    from omicvae_sc.data import stack_rows
+
+    chunks = [torch.arange(6.0).reshape(3, 2), torch.arange(6.0, 10.0).reshape(2, 2)]
+    torch.testing.assert_close(stack_rows(5, iter(chunks)), torch.cat(chunks))
+    means, variances = stack_rows(5, ((c, c * 2) for c in chunks))
+    torch.testing.assert_close(means, torch.cat(chunks))
+    torch.testing.assert_close(variances, torch.cat(chunks) * 2)
+    with pytest.raises(ValueError, match="the chunks hold 5 rows, not 6"):
+        stack_rows(6, iter(chunks))
+    with pytest.raises(ValueError, match="the chunks hold 0 rows, not 1"):
+        stack_rows(1, iter([]))

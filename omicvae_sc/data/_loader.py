@@ -84,7 +84,7 @@ class CountTensors:
             if not nonzero:
                 return x
             if self._csr is None:  # built on first use: only training asks for positions
-                self._csr = _CSRIndex(self.dense.cpu().numpy(), self.device)
+                self._csr = _CSRIndex(self.dense.cpu().numpy(), self.device, positions_only=True)
             row, cols, _ = self._csr.entries(idx, idx_host)
             return x, row * self.n_genes + cols
         if self._cells is not None:
@@ -159,7 +159,8 @@ def stack_rows(n_rows: int, parts: Iterable) -> torch.Tensor | tuple[torch.Tenso
 class _CSRIndex:
     """The non-zero counts of a matrix in CSR form, on a device, gathered row by row."""
 
-    def __init__(self, counts: np.ndarray | sp.spmatrix, device: torch.device):
+    def __init__(self, counts: np.ndarray | sp.spmatrix, device: torch.device, *,
+                 positions_only: bool = False):
         csr = sp.csr_matrix(counts)
         if not csr.has_canonical_format or np.count_nonzero(csr.data) < csr.data.size:
             # stored zeros or repeated entries: a cleaned copy, the caller's matrix untouched
@@ -169,12 +170,17 @@ class _CSRIndex:
         # no copy where the dtypes already match (int32 gene indices, float32 counts)
         self._indptr_host = csr.indptr.astype(np.int64)  # minibatch sizes without a sync
         self.indptr = torch.as_tensor(self._indptr_host, device=device)
-        self.indices = torch.as_tensor(csr.indices.astype(np.int32, copy=False), device=device)
-        self.values = torch.as_tensor(csr.data.astype(np.float32, copy=False), device=device)
+        # positions only (the counts are held densely): int64 genes, ready for use, no counts
+        self.indices = torch.as_tensor(
+            csr.indices.astype(np.int64 if positions_only else np.int32, copy=False),
+            device=device)
+        self.values = None if positions_only else torch.as_tensor(
+            csr.data.astype(np.float32, copy=False), device=device)
 
     def entries(self, idx: torch.Tensor, idx_host: np.ndarray | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row in the minibatch, gene, count) of every non-zero count of the rows ``idx``."""
+        """(row in the minibatch, gene, count) of every non-zero count of the rows ``idx``;
+        the counts are ``None`` when only positions are held."""
         device = self.indptr.device
         start, stop = self.indptr[idx], self.indptr[idx + 1]
         lengths = stop - start  # (batch,) non-zeros per cell
@@ -185,5 +191,8 @@ class _CSRIndex:
         row = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths,
                                       output_size=total)
         first = torch.cumsum(lengths, 0) - lengths  # where each cell's run starts in the output
-        pos = start[row] + torch.arange(total, device=device) - first[row]
-        return row, self.indices[pos].long(), self.values[pos]
+        # position in the CSR arrays: output position + (row's CSR start - row's output start)
+        shift = torch.repeat_interleave(start - first, lengths, output_size=total)
+        pos = torch.arange(total, device=device).add_(shift)
+        values = None if self.values is None else self.values.index_select(0, pos)
+        return row, self.indices.index_select(0, pos).long(), values
