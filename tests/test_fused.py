@@ -93,3 +93,23 @@ def test_positions_given_by_the_caller_give_the_same_values_and_gradients(zinb):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     missing = count_log_likelihood(x, logits, library, theta, zi, nonzero=flat[1:])
     assert not torch.allclose(missing, searched)  # the positions are really used
+
+
+@pytest.mark.parametrize("zinb", [False, True])
+def test_bfloat16_logits_are_read_in_the_precision_of_theta(zinb):
+    """The bfloat16 heads' outputs go in as they are: the result is the float32 result for the
+    same (rounded) values, and the gradients come back in bfloat16."""
+    x, logits, library, theta, zi = _inputs(zinb=zinb)
+    x, library = x.float(), library.float()
+    theta = theta.detach().float().requires_grad_()
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (logits, zi) if t is not None]
+    high = [t.detach().float().requires_grad_() for t in low]
+    got = count_log_likelihood(x, low[0], library, theta, low[1] if zinb else None)
+    assert got.dtype == torch.float32
+    expected = count_log_likelihood(x, high[0], library, theta, high[1] if zinb else None)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-4)
+    grads_low = torch.autograd.grad(got.sum(), low)
+    grads_high = torch.autograd.grad(expected.sum(), high)
+    for a, b in zip(grads_low, grads_high, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float())

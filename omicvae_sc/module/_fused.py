@@ -140,15 +140,23 @@ def _theta_logs(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return log_theta, theta * log_theta, torch.lgamma(theta)
 
 
-def _log_softmax_normalizer(logits: torch.Tensor, rows: int) -> torch.Tensor:
-    """logsumexp over genes, ``(batch, 1)``, by chunks of rows (twice as fast as torch's)."""
-    top = logits.amax(-1, keepdim=True)
-    sums = torch.empty_like(top)
+def _log_softmax_normalizer(logits: torch.Tensor, rows: int, dtype: torch.dtype
+                            ) -> torch.Tensor:
+    """logsumexp over genes in ``dtype``, ``(batch, 1)``, by chunks of rows (twice as fast as
+    torch's)."""
+    lse = torch.empty(logits.shape[0], 1, dtype=dtype, device=logits.device)
     for lo in range(0, logits.shape[0], rows):
         sl = slice(lo, lo + rows)
-        e = torch.sub(logits[sl], top[sl]).mul_(LOG2E).exp2_()
-        torch.sum(e, -1, keepdim=True, out=sums[sl])
-    return sums.log_().add_(top)
+        chunk = logits[sl].to(dtype)
+        top = chunk.amax(-1, keepdim=True)
+        e = torch.sub(chunk, top).mul_(LOG2E).exp2_()
+        torch.sum(e, -1, keepdim=True, out=lse[sl]).log_().add_(top)
+    return lse
+
+
+def _scaled(f: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``f * by`` written straight into a tensor of ``dtype`` (the input's, for its gradient)."""
+    return torch.mul(f, by, out=torch.empty(f.shape, dtype=dtype, device=f.device))
 
 
 class _CountLogLikelihood(torch.autograd.Function):
@@ -156,25 +164,30 @@ class _CountLogLikelihood(torch.autograd.Function):
     def forward(ctx, x, logits, library, theta, zi, sparse, rows, grads, nonzero):
         _, need_logits, _, need_theta, need_zi = (grads and n for n in ctx.needs_input_grad[:5])
         need_zi = need_zi and zi is not None
+        # low-precision logits (the bfloat16 heads' own outputs) are read a chunk at a time in
+        # the precision of θ; their gradients go back in their own dtype
+        dtype = torch.promote_types(logits.dtype, theta.dtype)
+        ctx.dtypes = logits.dtype, None if zi is None else zi.dtype
         log_theta, theta_log_theta, lgamma_theta = _theta_logs(theta)
-        lse = _log_softmax_normalizer(logits, rows)  # (batch, 1)
+        lse = _log_softmax_normalizer(logits, rows, dtype)  # (batch, 1)
         nz = _Counts(x, theta.shape[0] == 1, sparse, nonzero)
         corr = _correction(nz, logits, lse, library, theta, zi, log_theta, theta_log_theta,
                            lgamma_theta, grads=need_logits or need_theta or need_zi)
         # gradient factors, written by the sweep: d/dlogits = -go * f_logits, d/dzi = go * f_zi,
         # d/dθ = -go * f_theta (summed over cells when θ is shared)
-        f_logits = torch.empty_like(logits) if need_logits else None
-        f_zi = torch.empty_like(zi) if need_zi else None
-        f_theta = torch.empty_like(logits) if need_theta else None
+        f_logits, f_zi, f_theta = (
+            torch.empty(logits.shape, dtype=dtype, device=logits.device) if need else None
+            for need in (need_logits, need_zi, need_theta))
         theta_term = log_theta + theta / (theta + EPS) if need_theta else None
         theta_ln2 = theta * LN2
-        out = torch.empty(x.shape[0], dtype=logits.dtype, device=logits.device)
+        out = torch.empty(x.shape[0], dtype=dtype, device=logits.device)
         for lo in range(0, x.shape[0], rows):
             hi = min(lo + rows, x.shape[0])
             sl = slice(lo, hi)
             out[sl] = _sweep(
-                logits[sl], lse[sl] * LOG2E, library[sl], _rows(theta, sl),
-                None if zi is None else zi[sl], _rows(theta_log_theta, sl), _rows(theta_ln2, sl),
+                logits[sl].to(dtype), lse[sl] * LOG2E, library[sl], _rows(theta, sl),
+                None if zi is None else zi[sl].to(dtype), _rows(theta_log_theta, sl),
+                _rows(theta_ln2, sl),
                 None if theta_term is None else _rows(theta_term, sl),
                 corr["hn_sum"][sl] if need_logits else None,
                 *(None if f is None else f[sl] for f in (f_logits, f_zi, f_theta)))
@@ -190,8 +203,8 @@ class _CountLogLikelihood(torch.autograd.Function):
     def backward(ctx, grad):
         f_logits, f_zi, f_theta = ctx.saved_tensors
         go = grad[:, None]  # (batch, 1) upstream gradient of each cell's sum
-        g_logits = None if f_logits is None else f_logits * -go
-        g_zi = None if f_zi is None else f_zi * go
+        g_logits = None if f_logits is None else _scaled(f_logits, -go, ctx.dtypes[0])
+        g_zi = None if f_zi is None else _scaled(f_zi, go, ctx.dtypes[1])
         g_theta = None
         if f_theta is not None:
             g_theta = -go.reshape(1, -1) @ f_theta if ctx.theta_shape[0] == 1 else f_theta * -go
@@ -248,7 +261,7 @@ def _correction(nz: _Counts, logits, lse, library, theta, zi, log_theta, theta_l
         per_theta += [torch.digamma(theta), log_theta + theta / (theta + EPS)]
     tv, tlt, lgt, *grad_terms = nz.thetas_at(*per_theta)
     lse_v, lib_v = nz.row_at(lse), nz.row_at(library)
-    mu = torch.sub(nz.at(logits), lse_v).exp_().mul_(lib_v)
+    mu = torch.sub(nz.at(logits).to(lse.dtype), lse_v).exp_().mul_(lib_v)
     total = mu + tv + EPS
     lt = torch.log(total)
     lnb0 = tlt - tv * lt
@@ -259,7 +272,7 @@ def _correction(nz: _Counts, logits, lse, library, theta, zi, log_theta, theta_l
         out = {"value": nz.row_sums(nb - lnb0)}
         w0 = None
     else:  # x > 0 gives NB(x) - softplus(z) in place of the zero term the sweep gave
-        zv = nz.at(zi)
+        zv = nz.at(zi).to(lse.dtype)
         a = lnb0 - zv
         zero = F.softplus(a) - F.softplus(-zv)
         out = {"value": nz.row_sums(nb - F.softplus(zv) - zero)}

@@ -47,12 +47,15 @@ class Linear(nn.Linear):
 
     compute_dtype: torch.dtype | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
+        """``keep_dtype``: return the product in ``compute_dtype``, for a consumer that reads
+        it chunk by chunk in float32 (the training likelihood): no full-size float32 copy
+        forward, and its gradient comes back in ``compute_dtype``."""
         dtype = self.compute_dtype
         if dtype is None or dtype == x.dtype:
             return super().forward(x)
         out = nn.functional.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
-        return out.to(x.dtype)
+        return out if keep_dtype else out.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -116,12 +119,13 @@ class CountDecoder(nn.Module):
         self.zi_logits = Linear(n_hidden, n_genes) if zero_inflated else None
 
     def logits(
-        self, z: torch.Tensor, cov: torch.Tensor | None
+        self, z: torch.Tensor, cov: torch.Tensor | None, *, keep_dtype: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the expression fractions and zero-inflation logits, each ``(..., genes)``."""
+        """Logits of the expression fractions and zero-inflation logits, each ``(..., genes)``;
+        with ``keep_dtype``, in the heads' compute dtype (see :class:`Linear`)."""
         h = self.body(z, cov)  # (..., hidden)
-        zi = self.zi_logits(h) if self.zi_logits is not None else None
-        return self.scale(h), zi
+        zi = None if self.zi_logits is None else self.zi_logits(h, keep_dtype=keep_dtype)
+        return self.scale(h, keep_dtype=keep_dtype), zi
 
     def forward(
         self, z: torch.Tensor, cov: torch.Tensor | None

@@ -176,7 +176,9 @@ class VAE(nn.Module):
         """
         if self.likelihood == "poisson":
             return self.generative(z, library, codes).log_prob(x).sum(-1)
-        logits, zi = self.decoder.logits(z, one_hot_covariates(codes, self.n_categories))
+        # the fused op reads bfloat16 head outputs chunk by chunk in float32
+        logits, zi = self.decoder.logits(z, one_hot_covariates(codes, self.n_categories),
+                                         keep_dtype=True)
         return count_log_likelihood(x, logits, library, self._theta(codes), zi, nonzero=nonzero)
 
     # ------------------------------------------------------------------ objective
