@@ -82,8 +82,9 @@ def test_positions_given_by_the_caller_give_the_same_values_and_gradients(zinb):
     """The loader's positions of the non-zero counts (in any order) replace the search."""
     x, logits, library, theta, zi = _inputs(zinb=zinb)
     params = [logits, theta] + ([zi] if zinb else [])
-    flat = torch.nonzero(x.reshape(-1)).squeeze(1)
-    shuffled = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))]
+    rows, genes = torch.nonzero(x).unbind(1)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    shuffled = rows[order], genes[order]
     searched = count_log_likelihood(x, logits, library, theta, zi, chunk_elements=41 * 4)
     given = count_log_likelihood(x, logits, library, theta, zi, chunk_elements=41 * 4,
                                  nonzero=shuffled)
@@ -91,7 +92,7 @@ def test_positions_given_by_the_caller_give_the_same_values_and_gradients(zinb):
     for a, b in zip(torch.autograd.grad(given.sum(), params),
                     torch.autograd.grad(searched.sum(), params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    missing = count_log_likelihood(x, logits, library, theta, zi, nonzero=flat[1:])
+    missing = count_log_likelihood(x, logits, library, theta, zi, nonzero=(rows[1:], genes[1:]))
     assert not torch.allclose(missing, searched)  # the positions are really used
 
 

@@ -71,13 +71,14 @@ class CountTensors:
                 self._cells = torch.as_tensor(self._cells_host, device=self.device)
 
     def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None, *,
-             nonzero: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             nonzero: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Dense counts of the cells ``idx`` (a device tensor), ``(len(idx), n_genes)``.
 
         ``idx_host``, the same indices in host memory, lets the non-zero count of the minibatch
-        be summed on the host, so an accelerator is not waited for. With ``nonzero``, also the
-        row-major positions of the non-zero counts in the returned matrix (int64), which the
-        likelihood would otherwise have to search for.
+        be summed on the host, so an accelerator is not waited for. With ``nonzero``, also where
+        the non-zero counts are in the returned matrix: ``(rows, genes)``, two int64 vectors,
+        which the likelihood would otherwise have to search for.
         """
         if self.dense is not None:
             x = self.dense.index_select(0, idx)  # parallel, unlike dense[idx]
@@ -86,7 +87,7 @@ class CountTensors:
             if self._csr is None:  # built on first use: only training asks for positions
                 self._csr = _CSRIndex(self.dense.cpu().numpy(), self.device, positions_only=True)
             row, cols, _ = self._csr.entries(idx, idx_host)
-            return x, row * self.n_genes + cols
+            return x, (row, cols)
         if self._cells is not None:
             idx = self._cells[idx]
             if idx_host is not None:
@@ -94,7 +95,7 @@ class CountTensors:
         row, cols, values = self._csr.entries(idx, idx_host)
         out = torch.zeros(len(idx), self.n_genes, device=self.device)
         out[row, cols] = values
-        return (out, row * self.n_genes + cols) if nonzero else out
+        return (out, (row, cols)) if nonzero else out
 
     def _bounds(self, batch_size: int) -> list[int]:
         """Minibatch boundaries; a trailing one-cell batch is folded into the one before it."""

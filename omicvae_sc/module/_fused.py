@@ -45,7 +45,8 @@ on the project's CPU)."""
 def count_log_likelihood(
     x: torch.Tensor, logits: torch.Tensor, library: torch.Tensor, theta: torch.Tensor,
     zi_logits: torch.Tensor | None = None, *, sparse: bool | None = None,
-    chunk_elements: int | None = None, nonzero: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``log p(x | z)`` summed over genes, ``(batch,)``, for NB (or ZINB with ``zi_logits``).
 
@@ -68,8 +69,9 @@ def count_log_likelihood(
         Entries per chunk of rows (default: ``CHUNK_ELEMENTS`` on the CPU, the whole batch
         elsewhere).
     nonzero
-        Row-major positions of the non-zero counts of ``x`` (int64), when the caller knows them
-        (the minibatch loader does); searched for otherwise. Used by ``sparse`` only.
+        ``(rows, genes)`` of the non-zero counts of ``x`` (int64 vectors, any order), when the
+        caller knows them (the minibatch loader does); searched for otherwise. Used by
+        ``sparse`` only.
     """
     on_cpu = x.device.type == "cpu"
     sparse = on_cpu if sparse is None else sparse
@@ -87,14 +89,15 @@ class _Counts:
     mask (dense, where finding them would synchronize with the device)."""
 
     def __init__(self, x: torch.Tensor, theta_shared: bool, sparse: bool,
-                 flat: torch.Tensor | None = None):
+                 nonzero: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.sparse, self.shape = sparse, x.shape
         if sparse:
-            if flat is None:  # row-major positions
-                flat = torch.nonzero(x.reshape(-1)).squeeze(1)
-            self.flat, self.row = flat, torch.div(flat, x.shape[1], rounding_mode="floor")
-            self.theta_pos = flat - self.row * x.shape[1] if theta_shared else flat
-            self.x = x.reshape(-1).index_select(0, flat)
+            if nonzero is None:
+                nonzero = torch.nonzero(x).unbind(1)
+            self.row, genes = nonzero
+            self.flat = self.row * x.shape[1] + genes  # row-major positions
+            self.theta_pos = genes if theta_shared else self.flat
+            self.x = x.reshape(-1).index_select(0, self.flat)
         else:
             self.mask, self.x = x > 0, x
 
@@ -171,14 +174,16 @@ class _CountLogLikelihood(torch.autograd.Function):
         log_theta, theta_log_theta, lgamma_theta = _theta_logs(theta)
         lse = _log_softmax_normalizer(logits, rows, dtype)  # (batch, 1)
         nz = _Counts(x, theta.shape[0] == 1, sparse, nonzero)
-        corr = _correction(nz, logits, lse, library, theta, zi, log_theta, theta_log_theta,
-                           lgamma_theta, grads=need_logits or need_theta or need_zi)
+        grads = need_logits or need_theta or need_zi
+        # -d lnb0 / dθ = lt + θ / total - theta_term
+        theta_term = log_theta + theta / (theta + EPS) if grads else None
+        corr = _correction(nz, logits, lse, library, theta, zi, theta_log_theta, lgamma_theta,
+                           theta_term)
         # gradient factors, written by the sweep: d/dlogits = -go * f_logits, d/dzi = go * f_zi,
         # d/dθ = -go * f_theta (summed over cells when θ is shared)
         f_logits, f_zi, f_theta = (
             torch.empty(logits.shape, dtype=dtype, device=logits.device) if need else None
             for need in (need_logits, need_zi, need_theta))
-        theta_term = log_theta + theta / (theta + EPS) if need_theta else None
         theta_ln2 = theta * LN2
         out = torch.empty(x.shape[0], dtype=dtype, device=logits.device)
         for lo in range(0, x.shape[0], rows):
@@ -188,7 +193,7 @@ class _CountLogLikelihood(torch.autograd.Function):
                 logits[sl].to(dtype), lse[sl] * LOG2E, library[sl], _rows(theta, sl),
                 None if zi is None else zi[sl].to(dtype), _rows(theta_log_theta, sl),
                 _rows(theta_ln2, sl),
-                None if theta_term is None else _rows(theta_term, sl),
+                _rows(theta_term, sl) if need_theta else None,
                 corr["hn_sum"][sl] if need_logits else None,
                 *(None if f is None else f[sl] for f in (f_logits, f_zi, f_theta)))
         out += corr["value"]
@@ -250,15 +255,17 @@ def _sweep(logits, lse2, library, theta, zi, theta_log_theta, theta_ln2, theta_t
     return value
 
 
-def _correction(nz: _Counts, logits, lse, library, theta, zi, log_theta, theta_log_theta,
-                lgamma_theta, *, grads: bool) -> dict[str, torch.Tensor]:
+def _correction(nz: _Counts, logits, lse, library, theta, zi, theta_log_theta, lgamma_theta,
+                theta_term) -> dict[str, torch.Tensor]:
     """What the entries with non-zero counts add to the zero-count sweep: per-cell value
-    ``value`` ``(batch,)``, per-cell ``hn_sum`` ``(batch, 1)``, and per-entry corrections of the
-    gradient factors ``hn``, ``zi`` and ``theta``."""
+    ``value`` ``(batch,)``, and when gradients are needed (``theta_term`` given) per-cell
+    ``hn_sum`` ``(batch, 1)`` and per-entry corrections of the gradient factors ``hn``, ``zi``
+    and ``theta``."""
     xv = nz.x
+    grads = theta_term is not None
     per_theta = [theta, theta_log_theta, lgamma_theta]
     if grads:
-        per_theta += [torch.digamma(theta), log_theta + theta / (theta + EPS)]
+        per_theta += [torch.digamma(theta), theta_term]
     tv, tlt, lgt, *grad_terms = nz.thetas_at(*per_theta)
     lse_v, lib_v = nz.row_at(lse), nz.row_at(library)
     mu = torch.sub(nz.at(logits).to(lse.dtype), lse_v).exp_().mul_(lib_v)

@@ -123,6 +123,14 @@ class VAE(nn.Module):
             for layer in layers:
                 layer.compute_dtype = None
 
+    @property
+    def uses_nonzero_positions(self) -> bool:
+        """Whether :meth:`loss` reads ``nonzero``: NB / ZINB on the CPU, where the fused
+        likelihood gathers the non-zero counts (elsewhere it runs dense, and Poisson does not
+        use it)."""
+        device = self.log_theta.device
+        return self.likelihood != "poisson" and device.type == "cpu"
+
     # ------------------------------------------------------------------ model
     def inference(
         self, x: torch.Tensor, codes: torch.Tensor | None = None
@@ -165,13 +173,14 @@ class VAE(nn.Module):
 
     def log_px_z(
         self, x: torch.Tensor, z: torch.Tensor, library: torch.Tensor,
-        codes: torch.Tensor | None = None, nonzero: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """log p(x | z) summed over genes, ``(batch,)``, for 2-D ``z`` ``(batch, n_latent)``.
 
         Equal to ``generative(z, library, codes).log_prob(x).sum(-1)``; NB and ZINB go through
         the fused, chunked op of :mod:`omicvae_sc.module._fused`, which never builds the
-        distribution's ``(batch, genes)`` parameters; ``nonzero`` (row-major positions of the
+        distribution's ``(batch, genes)`` parameters; ``nonzero`` (``(rows, genes)`` of the
         non-zero counts, when known) saves it searching for them.
         """
         if self.likelihood == "poisson":
@@ -189,11 +198,11 @@ class VAE(nn.Module):
 
     def loss(
         self, x: torch.Tensor, codes: torch.Tensor | None = None, *, kl_weight: float = 1.0,
-        nonzero: torch.Tensor | None = None,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LossOutput:
         """Negative ELBO with a weight on the KL term (beta), from one reparameterized sample.
 
-        ``nonzero``: row-major positions of the non-zero counts of ``x``, when known.
+        ``nonzero``: ``(rows, genes)`` of the non-zero counts of ``x``, when known.
         """
         mean, var = self.inference(x, codes)
         z = mean + var.sqrt() * torch.randn_like(mean)  # reparameterization trick

@@ -134,8 +134,7 @@ def _epoch_sums(
     kl_weight = kl_weight_at(step, total_steps, config)
     # the precision is set once per pass; validation runs in float32
     precision = module.matmul_dtype(config.matmul_dtype if train else None)
-    # on the CPU the loader says where the non-zero counts are, for the likelihood's sparse terms
-    nonzero = next(module.parameters()).device.type == "cpu"
+    nonzero = module.uses_nonzero_positions  # the loader knows where they are
     with torch.set_grad_enabled(train), precision:
         for x, codes, *positions in data.batches(config.batch_size, shuffle=train,
                                                  generator=generator, nonzero=nonzero):
