@@ -7,7 +7,7 @@ import torch
 
 from omicvae_sc.module import VAE
 from omicvae_sc.module._distributions import make_count_distribution
-from omicvae_sc.module._fused import _digamma, count_log_likelihood
+from omicvae_sc.module._fused import DIRECT_MIN_ZI, _digamma, count_log_likelihood
 
 
 def _inputs(n_cells=29, n_genes=41, theta_rows=1, zinb=True, seed=0):
@@ -56,6 +56,28 @@ def test_gradcheck(zinb):
         return count_log_likelihood(x, logits, library, theta, zi, chunk_elements=18)
 
     assert torch.autograd.gradcheck(f, inputs, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zinb_zeros_stay_finite_where_both_probabilities_underflow(dtype):
+    """A zero count whose NB(0) and π are both far below float32's range (a strongly expressed
+    gene, a very negative zero-inflation logit): the sweep's direct probabilities would give
+    log(0); it takes the log path instead, and matches the float64 distributions."""
+    x, logits, library, theta, zi = _inputs()
+    x[1, 0] = 0.0
+    library = library.clone()
+    library[1] = 1000.0
+    with torch.no_grad():
+        theta[0, 0] = 50.0  # log NB(0) = 50 log(50 / 1050) = -152
+        logits[1, 0] = 10.0  # nearly all of the cell's expression
+        zi[1, 0] = 1.5 * DIRECT_MIN_ZI  # π = sigmoid(-120) < 1e-52
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (logits, theta, zi)]
+    got = count_log_likelihood(x.to(dtype), inputs[0], library.to(dtype), inputs[1], inputs[2])
+    expected = _reference(x, logits, library, theta, zi)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+    for g in torch.autograd.grad(got.sum(), inputs):
+        assert torch.isfinite(g).all()
 
 
 def test_fast_digamma_matches_torch():
