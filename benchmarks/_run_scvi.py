@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--n-mc-samples", type=int, default=100, help="importance samples K")
     parser.add_argument("--batch-size", type=int, default=128, help="scvi-tools' default: 128")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="plan_kwargs lr; default: scvi-tools' (1e-3)")
     return parser.parse_args()
 
 
@@ -71,6 +73,7 @@ def main() -> None:
         train_size=1.0,
         batch_size=args.batch_size,
         accelerator="cpu",
+        plan_kwargs=None if args.lr is None else {"lr": args.lr},
         enable_progress_bar=False,
     )
     train_seconds = time.perf_counter() - start
