@@ -201,8 +201,9 @@ class _CountLogLikelihood(torch.autograd.Function):
         theta_eps, theta_log2_theta = theta + EPS, theta_log_theta * LOG2E
         nlse2 = lse * -LOG2E
         # a zero's ZINB probability computed as it is, unless π = sigmoid(z) could underflow
-        # together with NB(0)
-        direct = zi is None or bool(zi.amin() > DIRECT_MIN_ZI)
+        # together with NB(0); only on the CPU, where the check costs no wait for a device and
+        # the softplus it saves are the sweep's costliest functions
+        direct = zi is None or (x.device.type == "cpu" and bool(zi.amin() > DIRECT_MIN_ZI))
         out = torch.empty(x.shape[0], dtype=dtype, device=logits.device)
         for lo in range(0, x.shape[0], rows):
             sl = slice(lo, min(lo + rows, x.shape[0]))
