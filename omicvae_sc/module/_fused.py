@@ -299,40 +299,40 @@ def _correction(nz: _Counts, logits, lse, library, theta, zi, theta_log_theta, l
     if grads:
         per_theta += [torch.digamma(theta), theta_term]
     tv, tlt, lgt, *grad_terms = nz.thetas_at(*per_theta)
-    lse_v, lib_v = nz.row_at(lse), nz.row_at(library)
-    mu = torch.sub(nz.at(logits).to(lse.dtype), lse_v).exp_().mul_(lib_v)
-    total = mu + tv + EPS
+    mu = torch.sub(nz.at(logits).to(lse.dtype), nz.row_at(lse)).exp_().mul_(nz.row_at(library))
+    total = torch.add(mu, tv).add_(EPS)
     lt = torch.log(total)
-    lnb0 = tlt - tv * lt
+    lnb0 = torch.addcmul(tlt, tv, lt, value=-1.0)
+    mu_eps, y = mu + EPS, xv + tv
     # log NB(x) = lnb0 + x (log(mu + eps) - lt) + lgamma(x + θ) - lgamma(θ) - lgamma(x + 1)
-    nb = (lnb0 + xv * (torch.log(mu + EPS) - lt) + torch.lgamma(xv + tv) - lgt
-          - torch.lgamma(xv + 1))
+    nb = torch.addcmul(lnb0, xv, torch.log(mu_eps).sub_(lt))
+    nb.add_(torch.lgamma(y)).sub_(lgt).sub_(torch.lgamma(xv + 1))
     if zi is None:
-        out = {"value": nz.row_sums(nb - lnb0)}
-        w0 = None
+        out = {"value": nz.row_sums(nb.sub_(lnb0))}
+        w1 = None
     else:  # x > 0 gives NB(x) - softplus(z) in place of the zero term the sweep gave
         zv = nz.at(zi).to(lse.dtype)
-        a = lnb0 - zv
+        a = lnb0.sub_(zv)
         # NB(x) - softplus(z) - (softplus(a) - softplus(-z)), and softplus(z) - softplus(-z) = z
-        out = {"value": nz.row_sums(nb - zv - F.softplus(a))}
-        w0 = torch.sigmoid(a)  # the weight the sweep used
+        out = {"value": nz.row_sums(nb.sub_(zv).sub_(F.softplus(a)))}
+        w1 = a.neg_().sigmoid_()  # 1 - w, w the NB weight the sweep used
     if not grads:
         return out
     inv = torch.reciprocal(total)
-    r = tv * inv
-    # hn at x > 0, minus the sweep's w θ mu / total
-    hn_pos = (tv + xv) * mu * inv - xv * mu / (mu + EPS)
-    out["hn"] = hn_pos - (r * mu if w0 is None else r * mu * w0)
-    out["hn_sum"] = nz.row_sums(out["hn"])[:, None]
-    # θ: the true factor is base - extra; the sweep wrote base * w0
+    # hn at x > 0, minus the sweep's w θ mu / total: mu ((x + θ (1 - w)) / total - x / (mu + eps))
+    hn = torch.mul(xv, inv) if w1 is None else torch.addcmul(xv, tv, w1).mul_(inv)
+    out["hn"] = hn.sub_(xv / mu_eps).mul_(mu)
+    out["hn_sum"] = nz.row_sums(hn)[:, None]
+    # θ: the true factor is base - extra, extra = ψ(x + θ) - ψ(θ) - x / total; the sweep wrote
+    # base * w, base = log(total) + θ / total - theta_term
     digamma_tv, theta_term = grad_terms
-    extra = nz.digamma(xv + tv) - digamma_tv - xv * inv
-    if w0 is None:
-        out["theta"] = -extra
+    neg_extra = torch.addcmul(digamma_tv, xv, inv).sub_(nz.digamma(y))
+    if w1 is None:
+        out["theta"] = neg_extra
     else:
-        base = lt + r - theta_term
-        out["theta"] = base * (1.0 - w0) - extra
-        out["zi"] = w0 - 1.0  # sigmoid(-z) - 1 in place of sigmoid(-z) - w0
+        base = torch.addcmul(lt, tv, inv).sub_(theta_term)
+        out["theta"] = base.mul_(w1).add_(neg_extra)
+        out["zi"] = w1.neg()  # sigmoid(-z) - 1 in place of sigmoid(-z) - w
     return out
 
 
@@ -340,11 +340,15 @@ def _digamma(y: torch.Tensor) -> torch.Tensor:
     """digamma(y) for y >= 1, in a few vectorized passes (``torch.digamma`` is scalar code on
     the CPU): ``ψ(y) = ψ(y + 4) - sum_{k<4} 1 / (y + k)``, and the asymptotic series to
     ``w^-8`` at ``w = y + 4 >= 5`` (truncation error below 1e-9)."""
-    shift = torch.reciprocal(y)
-    for k in range(1, 4):
-        shift += torch.reciprocal(y + k)
-    w = y + 4.0
-    iw = torch.reciprocal(w)
+    shift, w, r = torch.reciprocal(y), y + 1.0, torch.empty_like(y)
+    for _ in range(3):  # in place: few temporaries, which stay in cache
+        shift.add_(torch.reciprocal(w, out=r))
+        w.add_(1.0)
+    iw = torch.reciprocal(w)  # w = y + 4
     iw2 = iw * iw
-    series = iw2 * (1.0 / 12 - iw2 * (1.0 / 120 - iw2 * (1.0 / 252 - iw2 * (1.0 / 240))))
-    return torch.log(w) - 0.5 * iw - series - shift
+    # iw2 (1/12 - iw2 (1/120 - iw2 (1/252 - iw2 / 240)))
+    series = torch.mul(iw2, -1.0 / 240).add_(1.0 / 252)
+    for c in (1.0 / 120, 1.0 / 12):
+        series.mul_(iw2).neg_().add_(c)
+    series.mul_(iw2)
+    return torch.log(w).sub_(iw.mul_(0.5)).sub_(series).sub_(shift)
