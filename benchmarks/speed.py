@@ -103,7 +103,8 @@ def part_pbmc3k(args, tmp: Path) -> list[dict]:
     for rep in range(args.repeats):
         for bs in args.scvi_batch_sizes if args.scvi_python else []:
             lr = [] if bs == 128 else ["--lr", str(scaled_lr(bs))]  # 128: its own default
-            rows.append({"fit": f"scvi-tools, batch {bs}{', lr ' + lr[1] if lr else ''}, "
+            rows.append({"fit": f"scvi-tools, batch {bs}"
+                                f"{f', lr {scaled_lr(bs):.2g}' if lr else ''}, "
                                 f"{args.epochs} epochs", "repeat": rep, "batch": bs,
                          **fit("scvi", *paths, tmp / "s.npz", args,
                                ["--epochs", str(args.epochs), "--batch-size", str(bs), *lr])})

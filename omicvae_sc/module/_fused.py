@@ -97,7 +97,7 @@ class _Counts:
 
     def __init__(self, x: torch.Tensor, theta_shared: bool, sparse: bool,
                  nonzero: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.sparse, self.shape = sparse, x.shape
+        self.sparse = sparse
         if sparse:
             if nonzero is None:
                 nonzero = torch.nonzero(x).unbind(1)
@@ -259,13 +259,13 @@ def _sweep(out, logits, nlse2, library, theta, theta_eps, zi, theta_log2_theta,
     elif direct:  # log(π + (1 - π) NB(0)), π = sigmoid(z); NB's weight w = (1 - π) NB(0) / q
         nb0 = lnb0.exp2_()
         q = torch.sigmoid(zi)
-        s = zi.neg_().sigmoid_()  # 1 - π
-        q.addcmul_(s, nb0)
+        not_pi = zi.neg_().sigmoid_()  # 1 - π
+        q.addcmul_(not_pi, nb0)
         if grads:
-            w = nb0.mul_(s).div_(q)
+            w = nb0.mul_(not_pi).div_(q)
         torch.sum(q.log2_(), -1, out=out).mul_(LN2)
         if f_zi is not None:  # sigmoid(-z) - w
-            torch.sub(s, w, out=f_zi)
+            torch.sub(not_pi, w, out=f_zi)
     else:  # the same in logs: softplus(lnb0 - z) - softplus(-z)
         a = lnb0.mul_(LN2).sub_(zi)
         nzi = zi.neg_()
