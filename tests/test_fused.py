@@ -144,3 +144,22 @@ def test_bfloat16_logits_are_read_in_the_precision_of_theta(zinb):
     for a, b in zip(grads_low, grads_high, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float())
+
+
+def test_log_factorial_reads_integer_counts_from_its_table_and_computes_the_rest(monkeypatch):
+    counts = torch.tensor([0.0, 1.0, 2.0, 7.0, 170.0, 16383.0])
+    expected = torch.lgamma(counts.double() + 1)
+    torch.testing.assert_close(_fused._log_factorial(counts).double(), expected, rtol=1e-7,
+                               atol=0)
+    dense = torch.tensor([[0.0, 3.0], [5.0, 0.0]])  # the dense path passes 2-D counts
+    torch.testing.assert_close(_fused._log_factorial(dense), torch.lgamma(dense + 1))
+    # the table is what answers: a poisoned table changes the result
+    table = torch.lgamma(torch.arange(_fused.FACTORIAL_TABLE_SIZE, dtype=torch.float64) + 1)
+    monkeypatch.setitem(_fused._factorial_tables, (counts.device, counts.dtype),
+                        (table + 1.0).float())
+    torch.testing.assert_close(_fused._log_factorial(counts).double(), expected + 1.0,
+                               rtol=1e-7, atol=0)
+    # non-integer values (allow_non_integer=True) and counts past the table: computed
+    for other in (torch.tensor([0.5, 2.25, 3.0]), torch.tensor([3.0, 16384.0, 1e5])):
+        torch.testing.assert_close(_fused._log_factorial(other), torch.lgamma(other + 1))
+    assert _fused._log_factorial(torch.tensor([])).numel() == 0

@@ -9,7 +9,7 @@ import torch
 from omicvae_sc import OmicVAE
 from omicvae_sc.model._runtime import fast_bfloat16, resolve_precision
 from omicvae_sc.module import VAE
-from omicvae_sc.module._nn import Linear
+from omicvae_sc.module._nn import Dropout, Linear
 
 
 def test_linear_in_bfloat16_keeps_float32_in_and_out():
@@ -67,3 +67,18 @@ def test_bfloat16_training_matches_float32_quality(synthetic):
         elbo[precision] = float(np.mean(model.get_elbo(test)))
     assert elbo["bfloat16"] != elbo["float32"]  # the setting changes the arithmetic
     assert elbo["bfloat16"] > elbo["float32"] - 0.01 * abs(elbo["float32"])
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    layer = Dropout(0.1)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 200,000 draws: sd 0.0007
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()  # the gradient goes through the kept units only, rescaled alike
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    layer.eval()
+    assert layer(x) is x
+    assert Dropout(0.0)(x) is x

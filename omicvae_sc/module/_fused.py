@@ -258,8 +258,10 @@ def _sweep(out, logits, nlse2, library, theta, theta_eps, zi, theta_log2_theta,
         torch.sum(lnb0, -1, out=out).mul_(LN2)
     elif direct:  # log(π + (1 - π) NB(0)), π = sigmoid(z); NB's weight w = (1 - π) NB(0) / q
         nb0 = lnb0.exp2_()
-        q = torch.sigmoid(zi)
-        not_pi = zi.neg_().sigmoid_()  # 1 - π
+        q = zi.sigmoid_()  # π
+        # 1 - π: one subtraction where sigmoid(-z) took a second sigmoid; where π rounds to 1
+        # (z > 17 in float32) it is 0, which moves the mixture and its factors by < 1e-7
+        not_pi = torch.rsub(q, 1.0)
         q.addcmul_(not_pi, nb0)
         if grads:
             w = nb0.mul_(not_pi).div_(q)
@@ -306,7 +308,7 @@ def _correction(nz: _Counts, logits, lse, library, theta, zi, theta_log_theta, l
     mu_eps, y = mu + EPS, xv + tv
     # log NB(x) = lnb0 + x (log(mu + eps) - lt) + lgamma(x + θ) - lgamma(θ) - lgamma(x + 1)
     nb = torch.addcmul(lnb0, xv, torch.log(mu_eps).sub_(lt))
-    nb.add_(torch.lgamma(y)).sub_(lgt).sub_(torch.lgamma(xv + 1))
+    nb.add_(torch.lgamma(y)).sub_(lgt).sub_(_log_factorial(xv))
     if zi is None:
         out = {"value": nz.row_sums(nb.sub_(lnb0))}
         w1 = None
@@ -352,3 +354,22 @@ def _digamma(y: torch.Tensor) -> torch.Tensor:
         series.mul_(iw2).neg_().add_(c)
     series.mul_(iw2)
     return torch.log(w).sub_(iw.mul_(0.5)).sub_(series).sub_(shift)
+
+
+FACTORIAL_TABLE_SIZE = 2**14
+"""Counts below this read log(x!) from a table (64 KiB of float32, held in cache)."""
+
+_factorial_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _log_factorial(x: torch.Tensor) -> torch.Tensor:
+    """lgamma(x + 1): looked up when every x is an integer below ``FACTORIAL_TABLE_SIZE``
+    (counts; a third of lgamma's time on the CPU), computed otherwise (non-integer counts)."""
+    n = x.to(torch.int32)
+    if not x.numel() or not torch.equal(n.to(x.dtype), x) or int(n.amax()) >= FACTORIAL_TABLE_SIZE:
+        return torch.lgamma(x + 1)
+    key = x.device, x.dtype
+    if key not in _factorial_tables:
+        k = torch.arange(FACTORIAL_TABLE_SIZE, dtype=torch.float64)
+        _factorial_tables[key] = torch.lgamma(k + 1).to(device=x.device, dtype=x.dtype)
+    return _factorial_tables[key].index_select(0, n.reshape(-1)).reshape(x.shape)

@@ -58,6 +58,24 @@ class Linear(nn.Linear):
         return out if keep_dtype else out.to(x.dtype)
 
 
+class Dropout(nn.Module):
+    """Dropout (inverted, as ``nn.Dropout``) with its mask drawn by ``torch.rand``: on the CPU
+    that takes half the time of the Bernoulli draws ``nn.Dropout`` makes."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p  # in [0, 1), checked with the model's settings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p)  # 1.0 with probability 1 - p
+        return x * keep.mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MLP(nn.Module):
     """Fully connected layers: Linear -> BatchNorm -> ReLU -> Dropout, repeated ``n_layers`` times.
 
@@ -76,7 +94,7 @@ class MLP(nn.Module):
                 nn.ReLU(),
             ]
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
