@@ -163,3 +163,5 @@ def test_log_factorial_reads_integer_counts_from_its_table_and_computes_the_rest
     for other in (torch.tensor([0.5, 2.25, 3.0]), torch.tensor([3.0, 16384.0, 1e5])):
         torch.testing.assert_close(_fused._log_factorial(other), torch.lgamma(other + 1))
     assert _fused._log_factorial(torch.tensor([])).numel() == 0
+    # off the CPU nothing is read back from the device (a meta tensor has no values to read)
+    assert _fused._log_factorial(torch.empty(5, device="meta")).device.type == "meta"

@@ -365,10 +365,13 @@ _factorial_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _log_factorial(x: torch.Tensor) -> torch.Tensor:
-    """lgamma(x + 1): looked up when every x is an integer below ``FACTORIAL_TABLE_SIZE``
-    (counts; a third of lgamma's time on the CPU), computed otherwise (non-integer counts)."""
+    """lgamma(x + 1): on the CPU looked up when every x is an integer below
+    ``FACTORIAL_TABLE_SIZE`` (counts; a third of lgamma's time there), computed otherwise
+    (non-integer counts; on an accelerator, where the check would wait for the device)."""
+    if x.device.type != "cpu" or not x.numel():
+        return torch.lgamma(x + 1)
     n = x.to(torch.int32)
-    if not x.numel() or not torch.equal(n.to(x.dtype), x) or int(n.amax()) >= FACTORIAL_TABLE_SIZE:
+    if not torch.equal(n.to(x.dtype), x) or int(n.amax()) >= FACTORIAL_TABLE_SIZE:
         return torch.lgamma(x + 1)
     key = x.device, x.dtype
     if key not in _factorial_tables:
