@@ -67,10 +67,12 @@ def test_gradcheck(zinb):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zinb_zeros_stay_finite_where_both_probabilities_underflow(dtype):
+@pytest.mark.parametrize("chunk_elements", [None, 41])
+def test_zinb_zeros_stay_finite_where_both_probabilities_underflow(dtype, chunk_elements):
     """A zero count whose NB(0) and π are both far below float32's range (a strongly expressed
     gene, a very negative zero-inflation logit): the sweep's direct probabilities would give
-    log(0); it takes the log path instead, and matches the float64 distributions."""
+    log(0); its chunk takes the log path instead, and matches the float64 distributions (with
+    one row per chunk, the other chunks stay direct)."""
     x, logits, library, theta, zi = _inputs()
     x[1, 0] = 0.0
     library = library.clone()
@@ -80,7 +82,8 @@ def test_zinb_zeros_stay_finite_where_both_probabilities_underflow(dtype):
         logits[1, 0] = 10.0  # nearly all of the cell's expression
         zi[1, 0] = 1.5 * DIRECT_MIN_ZI  # π = sigmoid(-120) < 1e-52
     inputs = [t.detach().to(dtype).requires_grad_() for t in (logits, theta, zi)]
-    got = count_log_likelihood(x.to(dtype), inputs[0], library.to(dtype), inputs[1], inputs[2])
+    got = count_log_likelihood(x.to(dtype), inputs[0], library.to(dtype), inputs[1], inputs[2],
+                               chunk_elements=chunk_elements)
     expected = _reference(x, logits, library, theta, zi)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)

@@ -40,8 +40,8 @@ LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 # AVX512): exp(t) = exp2(t log2(e)), log(t) = ln(2) log2(t)
 
 DIRECT_MIN_ZI = -80.0
-"""Above this smallest zero-inflation logit, the sweep computes a zero's ZINB probability
-directly: π = sigmoid(z) > 1e-35 cannot underflow, so neither can π + (1 - π) NB(0)."""
+"""Above this smallest zero-inflation logit of a chunk, the sweep computes a zero's ZINB
+probability directly: π = sigmoid(z) > 1e-35 cannot underflow, so neither can π + (1 - π) NB(0)."""
 
 CHUNK_ELEMENTS = 2**18
 """Entries per chunk on the CPU: 1 MiB of float32 (131 rows of 2,000 genes), split between the
@@ -203,16 +203,18 @@ class _CountLogLikelihood(torch.autograd.Function):
         theta_eps, theta_log2_theta = theta + EPS, theta_log_theta * LOG2E
         nlse2 = lse * -LOG2E
         # a zero's ZINB probability computed as it is, unless π = sigmoid(z) could underflow
-        # together with NB(0); only on the CPU, where the check costs no wait for a device and
-        # the softplus it saves are the sweep's costliest functions
-        direct = zi is None or (x.device.type == "cpu" and bool(zi.amin() > DIRECT_MIN_ZI))
+        # together with NB(0) (checked chunk by chunk); only on the CPU, where the check costs
+        # no wait for a device and the softplus it saves are the sweep's costliest functions
+        on_cpu = x.device.type == "cpu"
         out = torch.empty(x.shape[0], dtype=dtype, device=logits.device)
         for lo in range(0, x.shape[0], rows):
             sl = slice(lo, min(lo + rows, x.shape[0]))
+            zc = None if zi is None else zi[sl].to(dtype, copy=True)
+            # on the chunk's copy, in cache: no separate pass over all of zi (0.993x the step)
+            direct = zc is None or (on_cpu and bool(zc.amin() > DIRECT_MIN_ZI))
             _sweep(
                 out[sl], logits[sl], nlse2[sl], library[sl], _rows(theta, sl),
-                _rows(theta_eps, sl), None if zi is None else zi[sl].to(dtype, copy=True),
-                _rows(theta_log2_theta, sl),
+                _rows(theta_eps, sl), zc, _rows(theta_log2_theta, sl),
                 _rows(theta_term, sl) if need_theta else None,
                 corr["hn_sum"][sl] if need_logits else None,
                 *(None if f is None else f[sl] for f in (f_logits, f_zi, f_theta)),
