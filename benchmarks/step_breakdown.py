@@ -24,28 +24,32 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import time
 from collections import defaultdict
 
 import pandas as pd
 from _prep import data_path, prepare
+from speed import scaled_lr
 
 
-def timed(clock: dict, name: str, fn, *, gate: str | None = "epoch"):
-    """``fn`` with a clock: its time is added to ``clock[name]`` while ``clock[gate]`` runs
-    (training epochs; not the diagnostics ``train()`` runs after them)."""
+def timed(clock: dict, name: str, fn, *, opens: bool = False):
+    """``fn`` with a clock: its time and calls are added to ``clock[name]`` and
+    ``clock[name, "calls"]`` while a training epoch runs (the wrapper with ``opens``), so the
+    diagnostics ``train()`` runs after its epochs are not counted."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if gate is not None and not clock["running"]:
+        if not (opens or clock["running"]):
             return fn(*args, **kwargs)
         t0 = time.perf_counter()
-        if gate is None:
+        if opens:
             clock["running"] = True
         try:
             return fn(*args, **kwargs)
         finally:
             clock[name] += time.perf_counter() - t0
-            if gate is None:
+            clock[name, "calls"] += 1
+            if opens:
                 clock["running"] = False
     return wrapper
 
@@ -80,37 +84,34 @@ def breakdown(train, batch_size: int, steps: int, threads: int) -> dict[str, flo
     OmicVAE.setup_anndata(train, layer="counts")
     model = OmicVAE(train, n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1,
                     likelihood="zinb", seed=0)
-    lr = 1e-3 * (batch_size / 128) ** 0.5
     kwargs = dict(validation_fraction=0.0, seed=0, progress_bar=False, batch_size=batch_size,
-                  lr=lr, precision="auto")
+                  lr=scaled_lr(batch_size), precision="auto")
     model.train(max_epochs=2, **kwargs)  # warm-up: allocator, caches, the loader's index
-    clock: dict[str, float] = defaultdict(float)
+    clock: dict = defaultdict(float)
     clock["running"] = False
-    originals = {
-        (_vae.VAE, "inference"): _vae.VAE.inference,
-        (_nn.CountDecoder, "logits"): _nn.CountDecoder.logits,
-        (_vae, "count_log_likelihood"): _vae.count_log_likelihood,
-        (_vae.VAE, "loss"): _vae.VAE.loss,
-        (torch.Tensor, "backward"): torch.Tensor.backward,
-        (torch.optim.Adam, "step"): torch.optim.Adam.step,
-        (torch.optim.Adam, "zero_grad"): torch.optim.Adam.zero_grad,
+    parts = {  # what to time, and under which name
+        (_vae.VAE, "inference"): "encoder",
+        (_nn.CountDecoder, "logits"): "decoder",
+        (_vae, "count_log_likelihood"): "likelihood",
+        (_vae.VAE, "loss"): "loss",
+        (torch.Tensor, "backward"): "backward",
+        (torch.optim.Adam, "step"): "adam",
+        (torch.optim.Adam, "zero_grad"): "adam",
+        (_loader.CountTensors, "rows"): "minibatch",
+        (_trainer, "_epoch_sums"): "epoch",  # the training passes
     }
-    originals[(_loader.CountTensors, "rows")] = _loader.CountTensors.rows
-    originals[(_trainer, "_epoch_sums")] = _trainer._epoch_sums  # the training passes
-    names = ["encoder", "decoder", "likelihood", "loss", "backward", "adam", "adam",
-             "minibatch", "epoch"]
-    n_steps = train.n_obs // batch_size + (train.n_obs % batch_size > 1)
-    epochs = max(1, round(steps / n_steps))
+    originals = {key: getattr(*key) for key in parts}
+    epochs = max(1, round(steps / math.ceil(train.n_obs / batch_size)))
     try:
-        for (owner, attr), name in zip(originals, names, strict=True):
-            setattr(owner, attr, timed(clock, name, originals[(owner, attr)],
-                                       gate=None if name == "epoch" else "epoch"))
+        for key, name in parts.items():
+            setattr(*key, timed(clock, name, originals[key], opens=name == "epoch"))
         model.train(max_epochs=epochs, **kwargs)
     finally:
-        for (owner, attr), fn in originals.items():
-            setattr(owner, attr, fn)
-    done = epochs * n_steps
-    ms = {k: v / done * 1e3 for k, v in clock.items() if k != "running"}
+        for key, fn in originals.items():
+            setattr(*key, fn)
+    done = clock["loss", "calls"]  # training steps
+    ms = {k: v / done * 1e3 for k, v in clock.items()
+          if isinstance(k, str) and k != "running"}
     ms["loss rest"] = ms.pop("loss") - ms["encoder"] - ms["decoder"] - ms["likelihood"]
     ms["step (wall)"] = ms.pop("epoch")
     ms["other"] = ms["step (wall)"] - sum(v for k, v in ms.items() if k != "step (wall)")

@@ -82,3 +82,15 @@ def test_dropout_keeps_each_unit_with_probability_one_minus_p_and_rescales():
     layer.eval()
     assert layer(x) is x
     assert Dropout(0.0)(x) is x
+
+
+def test_dropout_off_the_cpu_is_torch_s_fused_kernel(monkeypatch):
+    calls = []
+    fused = torch.nn.functional.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda x, p, training: calls.append(p) or fused(x, p, training))
+    layer = Dropout(0.1)
+    assert layer(torch.empty(4, 8, device="meta")).device.type == "meta"
+    assert calls == [0.1]
+    layer(torch.ones(4, 8))  # the CPU draws its own mask
+    assert calls == [0.1]
