@@ -167,9 +167,12 @@ class Poisson(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        idx = torch.nonzero(value > 0, as_tuple=True)
-        with torch.no_grad():  # log x!, on the non-zero counts only
-            log_fact = torch.zeros_like(value).index_put(idx, torch.lgamma(value[idx] + 1))
+        with torch.no_grad():
+            if value.device.type == "cpu":  # log x!, on the non-zero counts only
+                idx = torch.nonzero(value > 0, as_tuple=True)
+                log_fact = torch.zeros_like(value).index_put(idx, torch.lgamma(value[idx] + 1))
+            else:  # finding them would make the host wait for the device: dense
+                log_fact = torch.lgamma(value + 1)
         return value * torch.log(self.rate + EPS) - self.rate - log_fact
 
     @torch.no_grad()
