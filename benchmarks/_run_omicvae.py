@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--defaults", action="store_true",
                         help="train() with every default: epochs, validation split, early "
                              "stopping (--epochs, --batch-size and --lr are ignored)")
+    parser.add_argument("--device", default="cpu", help="the model's device: cpu, cuda, auto")
     parser.add_argument("--time-inference", action="store_true",
                         help="also time latents for every train cell and log p(x) (K=100) "
                              "for the first 10,000")
@@ -55,6 +56,7 @@ def main() -> None:
     args = parse_args()
     import torch
     import torch._dynamo
+    from _device import GPUClock
 
     import omicvae_sc
     from omicvae_sc import OmicVAE
@@ -77,8 +79,11 @@ def main() -> None:
         dropout_rate=0.1,
         likelihood=args.likelihood,
         seed=args.seed,
+        device=args.device,
     )
+    gpu = GPUClock(model.device)
     rss_before_train = reset_peak_rss()  # data loaded and set up; the peak starts afresh
+    gpu.start()
     start = time.perf_counter()
     if args.defaults:
         history = model.train(seed=args.seed, progress_bar=False)
@@ -87,6 +92,7 @@ def main() -> None:
                                   ("precision", args.precision)) if v is not None}
         history = model.train(max_epochs=args.epochs, validation_fraction=0.0, seed=args.seed,
                               progress_bar=False, **opts)
+    gpu.stop()
     train_seconds = time.perf_counter() - start
     peak_mb = rss_mb()
     epochs = len(history)  # History holds one entry per epoch run
@@ -94,8 +100,10 @@ def main() -> None:
     if args.time_inference:
         t0 = time.perf_counter()
         model.get_latent_representation(train)
+        gpu.stop()
         t1 = time.perf_counter()
         model.get_marginal_ll(train[: min(10_000, train.n_obs)].copy(), n_samples=100)
+        gpu.stop()
         inference = {"latent_seconds": t1 - t0, "latent_cells": train.n_obs,
                      "marginal_ll_seconds": time.perf_counter() - t1,
                      "marginal_ll_cells": min(10_000, train.n_obs)}
@@ -122,6 +130,7 @@ def main() -> None:
         model_mb=sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20,
         n_train=train.n_obs,
         **inference,
+        **gpu.figures(),
         epochs=epochs,
         tool="omicvae_sc",
         version=omicvae_sc.__version__,

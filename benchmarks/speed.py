@@ -28,6 +28,12 @@ Parts (``--parts``):
     tool (cells/s, peak memory beside the CSR size); then omicvae_sc's inference: latents for
     every cell and log p(x) with K=100 for 10,000 cells.
 
+``--device cuda`` trains both tools on the GPU (scvi-tools with ``accelerator="gpu"``, as its
+users run it there) and adds ``peak_gpu_mb``, torch's peak device allocation during
+``train()``; clocks are read after the device has finished its queued work. On the lent GPU
+machine, ``benchmarks/device_run.sh`` runs this with the wheels and data that
+``benchmarks/device_kit.sh`` gathers here.
+
 Run from the project root::
 
     python benchmarks/speed.py --scvi-python /work/venvs/scvi/bin/python
@@ -72,7 +78,7 @@ def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -
     runner = HERE / ("_run_omicvae.py" if tool == "omicvae_sc" else "_run_scvi.py")
     cmd = [python, str(runner), "--train", str(train), "--test", str(test), "--out", str(out),
            "--seed", str(args.seed), "--threads", str(args.threads),
-           "--likelihood", args.likelihood, *extra]
+           "--likelihood", args.likelihood, "--device", args.device, *extra]
     subprocess.run(cmd, check=True)
     z = np.load(out)
     row = {k: z[k].item() for k in z.files if z[k].ndim == 0 and k not in ("tool", "version")}
@@ -131,7 +137,7 @@ def part_large(args, tmp: Path) -> list[dict]:
         rows.append({"fit": f"scvi-tools, {args.large_cells} cells, batch 128, 1 epoch",
                      **fit("scvi", path, tmp / "test.h5ad", tmp / "s.npz", args,
                            ["--epochs", "1"])})
-    for bs in args.batch_sizes:
+    for bs in args.large_batch_sizes or args.batch_sizes:
         lr = scaled_lr(bs)
         rows.append({"fit": f"omicvae_sc, {args.large_cells} cells, batch {bs}, 1 epoch",
                      **fit("omicvae_sc", path, tmp / "test.h5ad", tmp / "o.npz", args,
@@ -144,7 +150,7 @@ def report(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["train_rss_mb"] = df["peak_rss_mb"] - df["rss_before_train_mb"]
     cols = ["fit", "likelihood", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
-            "peak_rss_mb", "train_rss_mb", "csr_mb", "model_mb", "latent_seconds",
+            "peak_rss_mb", "train_rss_mb", "csr_mb", "model_mb", "peak_gpu_mb", "latent_seconds",
             "marginal_ll_seconds"]
     if "repeat" not in df:
         df["repeat"] = 0
@@ -179,6 +185,11 @@ def main() -> None:
                         help="omicvae_sc train(precision=) of the equal-epoch pbmc3k fits")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--large-cells", type=int, default=100_000)
+    parser.add_argument("--large-batch-sizes", type=int, nargs="+", default=None,
+                        help="omicvae_sc's batch sizes in the large part (default: "
+                             "--batch-sizes)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both tools train (cuda: scvi-tools with accelerator='gpu')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--likelihood", choices=["zinb", "nb"], default="zinb",
                         help="both tools' count likelihood")
@@ -193,8 +204,8 @@ def main() -> None:
             rows += (part_pbmc3k if part == "pbmc3k" else part_large)(args, Path(tmp))
             df = report(rows)
             print(df.to_string(index=False, float_format="%.3f"), flush=True)
-    if args.csv:
-        df.to_csv(args.csv, index=False)
+            if args.csv:  # after each part, so that a run cut short keeps what it measured
+                df.to_csv(args.csv, index=False)
     print(f"\nload average {os.getloadavg()}", file=sys.stderr)
 
 
