@@ -71,3 +71,14 @@ def test_a_host_read_on_meta_does_raise():
     """The premise of the test above: reading a meta tensor's value fails."""
     with pytest.raises((RuntimeError, NotImplementedError), match=r"meta"):
         bool(torch.zeros((), device="meta") > 0)
+
+
+def test_output_chunks_are_cache_sized_on_the_cpu_and_large_on_an_accelerator():
+    from omicvae_sc.model._runtime import ACCELERATOR_CHUNK_ELEMENTS, CHUNK_ELEMENTS, chunk_rows
+
+    cpu, gpu = torch.device("cpu"), torch.device("meta")
+    assert chunk_rows(cpu, 2000) == CHUNK_ELEMENTS // 2000 == 262
+    assert chunk_rows(gpu, 2000) == ACCELERATOR_CHUNK_ELEMENTS // 2000 == 16777  # 60 for 1M
+    assert chunk_rows(gpu, 100 * 2000) == 167  # log p(x) with K=100: not 2 cells a chunk
+    assert chunk_rows(cpu, 100 * 2000) == 2  # never fewer than two (BatchNorm)
+    assert chunk_rows(gpu, 2000, elements=2**27) == 2**27 // 2000  # a larger own size is kept

@@ -12,14 +12,15 @@ import torch
 from anndata import AnnData
 
 from omicvae_sc.data import AnnDataSetup, CountTensors
+from omicvae_sc.model._runtime import chunk_rows
 from omicvae_sc.module import VAE
 
 CHUNK_ELEMENTS = 2**19
 """Cells are generated in chunks of about this many numbers (cells x genes)."""
 
 
-def _chunk(n_genes: int) -> int:
-    return max(2, CHUNK_ELEMENTS // max(1, n_genes))
+def _chunk(device: torch.device, n_genes: int) -> int:
+    return chunk_rows(device, n_genes, CHUNK_ELEMENTS)
 
 
 # ---------------------------------------------------------------------------- new cells
@@ -66,7 +67,7 @@ def sample_counts(module: VAE, plan: CellPlan, device: torch.device) -> sp.csr_m
     """z ~ N(0, I) per cell, decoded at the planned library and covariates, counts drawn from
     the fitted likelihood (torch's global RNG: seed it around the call). ``(n_cells, genes)``."""
     n = len(plan.library)
-    step = _chunk(module.decoder.scale.out_features)
+    step = _chunk(torch.device(device), module.decoder.scale.out_features)
     parts = []
     for lo in range(0, n, step):
         lib = torch.as_tensor(plan.library[lo:lo + step], dtype=torch.float32, device=device)
@@ -118,7 +119,7 @@ def predictive_moments(module: VAE, data: CountTensors) -> pd.DataFrame:
     per observed cell (z ~ N(0, I), the observed library size and covariates). Uses torch's
     global RNG: seed it around the call. Columns ``observed_<m>`` / ``generated_<m>``."""
     observed, generated = (_GeneSums(data.n_genes, data.device) for _ in range(2))
-    for x, codes in data.batches(_chunk(data.n_genes), shuffle=False):
+    for x, codes in data.batches(_chunk(data.device, data.n_genes), shuffle=False):
         z = torch.randn(len(x), module.n_latent, device=x.device)  # (chunk, latent)
         observed.add(x)
         generated.add(module.generative(z, x.sum(-1, keepdim=True), codes).sample())

@@ -34,7 +34,7 @@ from omicvae_sc.model._checks import (
     check_same_genes,
     validation_split,
 )
-from omicvae_sc.model._runtime import CHUNK_ELEMENTS, resolve_device, resolve_precision, seeded
+from omicvae_sc.model._runtime import chunk_rows, resolve_device, resolve_precision, seeded
 from omicvae_sc.module import VAE
 from omicvae_sc.train import (
     CheckpointPlan,
@@ -284,7 +284,7 @@ class OmicVAE:
     # ------------------------------------------------------------------ outputs
     def _chunks(self, data: CountTensors, n_samples: int = 1, batch_size: int | None = None):
         if batch_size is None:
-            batch_size = max(2, CHUNK_ELEMENTS // max(1, n_samples * data.n_genes))
+            batch_size = chunk_rows(data.device, n_samples * data.n_genes)
         yield from data.batches(batch_size, shuffle=False)
 
     # ------------------------------------------------------------ outputs, scores, self-report

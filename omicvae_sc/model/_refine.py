@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from omicvae_sc.data import CountTensors
+from omicvae_sc.model._runtime import chunk_rows
 from omicvae_sc.module import VAE
 from omicvae_sc.module._refine import refine_posterior
 
@@ -64,7 +65,7 @@ def refine_cells(
     module: VAE, data: CountTensors, *, steps: int, lr: float, n_samples: int, seed: int,
 ) -> RefinedLatent:
     """Refine every cell of ``data`` in chunks of cells, all cells of a chunk at once."""
-    chunk_size = max(2, CHUNK_ELEMENTS // (n_samples * data.n_genes))
+    chunk_size = chunk_rows(data.device, n_samples * data.n_genes, CHUNK_ELEMENTS)
     # separate streams: the scoring draws of every chunk do not depend on the number of steps
     generator = torch.Generator(device=data.device).manual_seed(seed)
     eval_generator = torch.Generator(device=data.device).manual_seed(seed + 1)
