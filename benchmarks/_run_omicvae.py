@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
                         help="train() with every default: epochs, validation split, early "
                              "stopping (--epochs, --batch-size and --lr are ignored)")
     parser.add_argument("--device", default="cpu", help="the model's device: cpu, cuda, auto")
+    parser.add_argument("--cuda-graphs", action="store_true", help="train(cuda_graphs=True)")
     parser.add_argument("--time-inference", action="store_true",
                         help="also time latents for every train cell and log p(x) (K=100) "
                              "for the first 10,000")
@@ -90,6 +91,8 @@ def main() -> None:
     else:
         opts = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                                   ("precision", args.precision)) if v is not None}
+        if args.cuda_graphs:
+            opts["cuda_graphs"] = True
         history = model.train(max_epochs=args.epochs, validation_fraction=0.0, seed=args.seed,
                               progress_bar=False, **opts)
     gpu.stop()

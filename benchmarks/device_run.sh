@@ -9,10 +9,12 @@
 # Stages: versions and a CUDA check; (1) pbmc3k, 400 epochs: scvi-tools at batch 128 and 512,
 # omicvae_sc at STAGE1_BATCHES and with its defaults; (2) one epoch over 1M cells resampled
 # from pbmc3k: scvi-tools at 128, omicvae_sc at STAGE2_BATCHES, with inference timings.
+# omicvae_sc's fits run eagerly and as CUDA graphs (GRAPHS=both; off or on for one of them).
 #
 # A rehearsal here, on the CPU, of everything but the wheels (a few minutes):
 #
-#     INSTALL=0 DEVICE=cpu EPOCHS=5 LARGE_CELLS=20000 SCVI_PYTHON=/work/venvs/scvi/bin/python \
+#     INSTALL=0 DEVICE=cpu GRAPHS=off EPOCHS=5 LARGE_CELLS=20000 \
+#         PYTHON=/work/main/.venv/bin/python SCVI_PYTHON=/work/venvs/scvi/bin/python \
 #         OMICVAE_SC_DATA=../shared/data OUT=/tmp/rehearsal bash benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,11 +56,11 @@ check "$PY" omicvae_sc || exit 1
 check "$SCVI_PY" scvi || exit 1
 echo "setup took $((SECONDS - start)) s"
 common=(--device "$DEVICE" --scvi-python "$SCVI_PY" --threads "${THREADS:-8}"
-        --epochs "${EPOCHS:-400}")
+        --epochs "${EPOCHS:-400}" --cuda-graphs "${GRAPHS:-both}" --keep-going)
 timeout "${STAGE1_S:-260}" "$PY" benchmarks/speed.py "${common[@]}" --parts pbmc3k \
     --batch-sizes ${STAGE1_BATCHES:-128 512} --scvi-batch-sizes 128 512 --csv "$OUT/pbmc3k.csv"
 echo "stage 1 (pbmc3k) rc $? at $((SECONDS - start)) s"
 timeout "${STAGE2_S:-230}" "$PY" benchmarks/speed.py "${common[@]}" --parts large \
-    --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-512 4096 16384} \
+    --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-1024 8192} \
     --csv "$OUT/large.csv"
 echo "stage 2 (large) rc $? at $((SECONDS - start)) s"

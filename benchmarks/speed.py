@@ -30,7 +30,8 @@ Parts (``--parts``):
 
 ``--device cuda`` trains both tools on the GPU (scvi-tools with ``accelerator="gpu"``, as its
 users run it there) and adds ``peak_gpu_mb``, torch's peak device allocation during
-``train()``; clocks are read after the device has finished its queued work. On the lent GPU
+``train()``; clocks are read after the device has finished its queued work; ``--cuda-graphs
+both`` runs each omicvae_sc fit eagerly and replayed as a CUDA graph. On the lent GPU
 machine, ``benchmarks/device_run.sh`` runs this with the wheels and data that
 ``benchmarks/device_kit.sh`` gathers here.
 
@@ -79,7 +80,12 @@ def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -
     cmd = [python, str(runner), "--train", str(train), "--test", str(test), "--out", str(out),
            "--seed", str(args.seed), "--threads", str(args.threads),
            "--likelihood", args.likelihood, "--device", args.device, *extra]
-    subprocess.run(cmd, check=True)
+    if args.keep_going:  # a failed fit is a row saying so; the run goes on
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc:
+            return {"tool": tool, "failed_rc": rc}
+    else:
+        subprocess.run(cmd, check=True)
     z = np.load(out)
     row = {k: z[k].item() for k in z.files if z[k].ndim == 0 and k not in ("tool", "version")}
     row["tool"] = tool
@@ -98,6 +104,11 @@ def prepared(tmp: Path) -> tuple[ad.AnnData, tuple[Path, Path]]:
     return train, paths
 
 
+def graph_modes(args) -> list[bool]:
+    """omicvae_sc's train(cuda_graphs=) values to run: ``--cuda-graphs`` off, on or both."""
+    return {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
+
+
 def scaled_lr(batch_size: int) -> float:
     """The learning rate of a batch size: 1e-3 (both tools' default at 128) x sqrt(batch / 128)."""
     return 1e-3 * math.sqrt(batch_size / 128)
@@ -114,13 +125,16 @@ def part_pbmc3k(args, tmp: Path) -> list[dict]:
                                 f"{args.epochs} epochs", "repeat": rep, "batch": bs,
                          **fit("scvi", *paths, tmp / "s.npz", args,
                                ["--epochs", str(args.epochs), "--batch-size", str(bs), *lr])})
-        for bs, precision in itertools.product(args.batch_sizes, args.precisions):
+        for bs, precision, graphs in itertools.product(args.batch_sizes, args.precisions,
+                                                       graph_modes(args)):
             lr = scaled_lr(bs)
-            rows.append({"fit": f"omicvae_sc, batch {bs}, lr {lr:.2g}, {precision}, "
-                                f"{args.epochs} epochs", "repeat": rep, "batch": bs,
+            rows.append({"fit": f"omicvae_sc, batch {bs}, lr {lr:.2g}, {precision}"
+                                f"{', CUDA graph' if graphs else ''}, {args.epochs} epochs",
+                         "repeat": rep, "batch": bs,
                          **fit("omicvae_sc", *paths, tmp / "o.npz", args,
                                ["--epochs", str(args.epochs), "--batch-size", str(bs),
-                                "--lr", str(lr), "--precision", precision])})
+                                "--lr", str(lr), "--precision", precision,
+                                *(["--cuda-graphs"] if graphs else [])])})
         rows.append({"fit": "omicvae_sc, all defaults (early stopping)", "repeat": rep,
                      **fit("omicvae_sc", *paths, tmp / "o.npz", args, ["--defaults"])})
     return [row | {"part": "pbmc3k", "likelihood": args.likelihood} for row in rows]
@@ -137,17 +151,22 @@ def part_large(args, tmp: Path) -> list[dict]:
         rows.append({"fit": f"scvi-tools, {args.large_cells} cells, batch 128, 1 epoch",
                      **fit("scvi", path, tmp / "test.h5ad", tmp / "s.npz", args,
                            ["--epochs", "1"])})
-    for bs in args.large_batch_sizes or args.batch_sizes:
+    for bs, graphs in itertools.product(args.large_batch_sizes or args.batch_sizes,
+                                        graph_modes(args)):
         lr = scaled_lr(bs)
-        rows.append({"fit": f"omicvae_sc, {args.large_cells} cells, batch {bs}, 1 epoch",
+        rows.append({"fit": f"omicvae_sc, {args.large_cells} cells, batch {bs}"
+                            f"{', CUDA graph' if graphs else ''}, 1 epoch",
                      **fit("omicvae_sc", path, tmp / "test.h5ad", tmp / "o.npz", args,
                            ["--epochs", "1", "--batch-size", str(bs), "--lr", str(lr),
-                            "--time-inference"])})
+                            "--time-inference", *(["--cuda-graphs"] if graphs else [])])})
     return [row | {"part": "large", "likelihood": args.likelihood} for row in rows]
 
 
 def report(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
+    for col in ("peak_rss_mb", "rss_before_train_mb", "cells_per_s", "train_seconds"):
+        if col not in df:  # every fit failed (--keep-going)
+            df[col] = np.nan
     df["train_rss_mb"] = df["peak_rss_mb"] - df["rss_before_train_mb"]
     cols = ["fit", "likelihood", "epochs", "train_seconds", "s_per_epoch", "cells_per_s", "ll_test",
             "peak_rss_mb", "train_rss_mb", "csr_mb", "model_mb", "peak_gpu_mb", "latent_seconds",
@@ -168,7 +187,7 @@ def report(rows: list[dict]) -> pd.DataFrame:
         if "batch" in scvi and len(scvi):  # scvi-tools at the fit's own batch size
             same = scvi.groupby("batch")["cells_per_s"].mean()
             df.loc[mine, "same_batch_ratio"] = group["cells_per_s"] / group["batch"].map(same)
-    cols = ["repeat", *cols, "speed_ratio", "wall_ratio", "same_batch_ratio"]
+    cols = ["repeat", *cols, "speed_ratio", "wall_ratio", "same_batch_ratio", "failed_rc"]
     return df[[c for c in cols if c in df]]
 
 
@@ -190,6 +209,8 @@ def main() -> None:
                              "--batch-sizes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where both tools train (cuda: scvi-tools with accelerator='gpu')")
+    parser.add_argument("--cuda-graphs", default="off", choices=["off", "on", "both"],
+                        help="omicvae_sc's fits with train(cuda_graphs=True) (CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--likelihood", choices=["zinb", "nb"], default="zinb",
                         help="both tools' count likelihood")
@@ -197,6 +218,8 @@ def main() -> None:
     parser.add_argument("--scvi-python", default=os.environ.get("SCVI_PYTHON"),
                         help="python of the scvi-tools venv (scvi-tools is skipped without it)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a failed fit (its exit status in failed_rc) and go on")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from omicvae_sc.data import CountTensors
-from omicvae_sc.module import VAE
+from omicvae_sc.module import VAE, LossOutput
 from omicvae_sc.train._trainer import TrainConfig, _epoch_sums, _FiniteGuard
 
 
@@ -82,3 +82,116 @@ def test_output_chunks_are_cache_sized_on_the_cpu_and_large_on_an_accelerator():
     assert chunk_rows(gpu, 100 * 2000) == 167  # log p(x) with K=100: not 2 cells a chunk
     assert chunk_rows(cpu, 100 * 2000) == 2  # never fewer than two (BatchNorm)
     assert chunk_rows(gpu, 2000, elements=2**27) == 2**27 // 2000  # a larger own size is kept
+
+
+# ------------------------------------------------------------------ CUDA graph replay
+# The capture itself needs a GPU. Here ``cuda_capture`` is replaced by a function that, like a
+# capture, runs nothing when called and hands back a replay that runs the recorded step: so the
+# buffers, the warm-up steps, the eager last batch and the guard around the graph are tested.
+
+def _recording_capture(calls):
+    def capture(body):
+        calls.append("capture")
+
+        def replay():
+            calls.append("replay")
+            body()
+        return replay
+    return capture
+
+
+def _fit(monkeypatch, cuda_graphs, *, epochs=3, fault_at=None, calls=None, keep=None,
+         capture=None):
+    from omicvae_sc.train import _trainer
+
+    monkeypatch.setattr(VAE, "uses_nonzero_positions", property(lambda self: False))
+    if capture is None:
+        capture = _recording_capture(calls if calls is not None else [])
+    monkeypatch.setattr(_trainer, "cuda_capture", capture)
+    counts, codes = _counts()
+    data = CountTensors(counts, codes, "cpu")
+    torch.manual_seed(0)
+    module = VAE(counts.shape[1], n_categories=(3,), has_batch=True)
+    if keep is not None:
+        keep.append(module)
+    if fault_at is not None:  # the loss of the fault_at-th forward pass becomes NaN
+        original, seen = module.loss, []
+
+        def loss(*args, **kwargs):
+            out = original(*args, **kwargs)
+            seen.append(1)
+            if len(seen) == fault_at:
+                return LossOutput(loss=out.loss * float("nan"), distortion=out.distortion,
+                                  rate=out.rate)
+            return out
+        module.loss = loss
+    config = TrainConfig(max_epochs=epochs, batch_size=16, progress_bar=False,
+                         cuda_graphs=cuda_graphs)
+    history = _trainer.fit(module, data, None, config, generator=torch.Generator().manual_seed(1))
+    return module, history
+
+
+def test_graph_replayed_training_equals_eager_training_bitwise(monkeypatch):
+    eager, h_eager = _fit(monkeypatch, False)
+    calls = []
+    graphed, h_graphed = _fit(monkeypatch, True, calls=calls)
+    # 70 cells in batches of 16: four full steps and a 6-cell one per epoch; 3 warm-up steps,
+    # one capture, then every full step replayed and every last batch eager
+    assert calls == ["capture"] + ["replay"] * (3 * 4 - 3)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert h_eager.train_elbo == h_graphed.train_elbo
+
+
+def test_a_non_finite_loss_in_a_replayed_step_stops_training_as_eagerly(monkeypatch):
+    from omicvae_sc.train import TrainingDiverged
+
+    # forward pass 12: warm-up 3, then epoch 0's fourth full step (replayed), its eager last
+    # batch, and epoch 1's replayed steps: the 12th is epoch 2, step 1
+    modules = []
+    for graphs in (False, True):
+        with pytest.raises(TrainingDiverged, match=r"at epoch 2, step 1 of that epoch"):
+            _fit(monkeypatch, graphs, fault_at=12, keep=modules)
+    eager, graphed = (m.state_dict() for m in modules)  # both: the weights before the bad step
+    for name, tensor in eager.items():
+        assert torch.equal(tensor, graphed[name]), name
+        assert torch.isfinite(tensor.float()).all(), name
+
+
+def test_cuda_graphs_on_the_cpu_path_is_refused():
+    from omicvae_sc.train._trainer import fit
+
+    counts, _ = _counts()
+    module = VAE(counts.shape[1])  # on the CPU: the likelihood gathers non-zero counts
+    config = TrainConfig(max_epochs=1, batch_size=16, cuda_graphs=True, progress_bar=False)
+    with pytest.raises(ValueError, match=r"cuda_graphs needs the dense likelihood path"):
+        fit(module, CountTensors(counts, None), None, config, generator=torch.Generator())
+
+
+def test_train_with_cuda_graphs_needs_a_cuda_device():
+    import anndata as ad
+
+    from omicvae_sc import OmicVAE
+
+    counts, _ = _counts()
+    adata = ad.AnnData(counts)
+    OmicVAE.setup_anndata(adata)
+    model = OmicVAE(adata, device="cpu")
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs a CUDA device; this model is "
+                                         r"on 'cpu'"):
+        model.train(max_epochs=1, cuda_graphs=True, progress_bar=False)
+    assert not model.is_trained
+
+
+def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
+    def refuse(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager, _ = _fit(monkeypatch, False)
+    with pytest.warns(RuntimeWarning, match=r"could not be captured as a CUDA graph \(operation "
+                                            r"not permitted .*\); training goes on without"):
+        graphed, _ = _fit(monkeypatch, True, capture=refuse)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name

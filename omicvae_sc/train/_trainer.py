@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from omicvae_sc.module import VAE
 from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
+from omicvae_sc.train._graph import GraphedStep, cuda_capture
 from omicvae_sc.train._history import History
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
     patience: int = 25
     progress_bar: bool = True
     precision: str = "float32"  # of the gene-sized matrix products in training steps
+    cuda_graphs: bool = False  # replay full-size training steps as a CUDA graph
 
     @property
     def matmul_dtype(self) -> torch.dtype | None:
@@ -85,29 +87,36 @@ class _FiniteGuard:
 
     def __init__(self, module: VAE, optimizer: torch.optim.Optimizer):
         self.buffers = list(module.buffers())  # BatchNorm statistics and step counts
-        self.optimizer = optimizer
-
-    def start_epoch(self, n_steps: int) -> None:
         device = self.buffers[0].device if self.buffers else None
-        # everything a step writes is allocated here, once per epoch: small tensors made and
-        # kept by each step would pin fragments of the heap until the epoch ends
+        # what a step writes is made once per fit and reset in place each epoch: small tensors
+        # made and kept by each step would pin fragments of the heap, and a captured CUDA graph
+        # (train/_graph.py) reads and writes fixed addresses
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.optimizer.found_inf = self.found_inf  # read by the fused step
+        optimizer.found_inf = self.found_inf  # read by the fused step
         self.saved = [b.clone() for b in self.buffers]
-        self.losses = torch.zeros(n_steps, device=device)
+
+    def start_epoch(self, n_steps: int) -> None:
+        self.halted.zero_()
+        self.found_inf.zero_()
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(buf)
+        self.losses = torch.zeros(n_steps, device=self.halted.device)
         self.n_steps = 0
 
     def before_forward(self) -> None:
         for saved, buf in zip(self.saved, self.buffers, strict=True):
             saved.copy_(torch.where(self.halted, saved, buf))  # frozen once halted
 
-    def after_backward(self, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.losses[self.n_steps] = loss
-        self.n_steps += 1
-        torch.logical_or(self.halted, ~torch.isfinite(loss), out=self.halted)
+    def check(self, loss: torch.Tensor) -> None:
+        """Halt (on the device) if ``loss`` is not finite."""
+        torch.logical_or(self.halted, ~torch.isfinite(loss.detach()), out=self.halted)
         self.found_inf.copy_(self.halted)
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Keep the step's loss for :meth:`first_bad_step`."""
+        self.losses[self.n_steps] = loss.detach()
+        self.n_steps += 1
 
     def first_bad_step(self) -> tuple[int, float] | None:
         """(step within the epoch, loss) of the first non-finite loss, restoring the buffers."""
@@ -124,8 +133,9 @@ def _epoch_sums(
     module: VAE, data: Minibatches, config: TrainConfig, *, train: bool,
     optimizer: torch.optim.Optimizer | None, step: int, total_steps: int,
     generator: torch.Generator, guard: _FiniteGuard | None = None,
+    graphed: GraphedStep | None = None,
 ) -> tuple[torch.Tensor, int, float]:
-    """One pass over ``data``.
+    """One pass over ``data``; training steps of the captured size go through ``graphed``.
 
     Returns the sums of [distortion, rate] over cells, the step count and the last KL weight.
     """
@@ -138,20 +148,34 @@ def _epoch_sums(
     with torch.set_grad_enabled(train), precision:
         for x, codes, *positions in data.batches(config.batch_size, shuffle=train,
                                                  generator=generator, nonzero=nonzero):
+            nz = positions[0] if positions else None
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
-                guard.before_forward()
-            out = module.loss(x, codes, kl_weight=kl_weight if train else 1.0,
-                              nonzero=positions[0] if positions else None)
-            if train:
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                guard.after_backward(out.loss)
-                optimizer.step()
                 step += 1
-            batch_sums = torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
+            if train and graphed is not None and graphed.takes(x):
+                batch_sums = graphed.step(x, codes, kl_weight)
+            else:
+                out = (train_step(module, optimizer, guard, x, codes, kl_weight, nonzero=nz)
+                       if train else module.loss(x, codes, kl_weight=1.0, nonzero=nz))
+                batch_sums = torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
             sums = batch_sums if sums is None else sums + batch_sums
     return sums, step, kl_weight
+
+
+def train_step(module: VAE, optimizer: torch.optim.Optimizer, guard: _FiniteGuard,
+               x: torch.Tensor, codes: torch.Tensor | None, kl_weight: float | torch.Tensor,
+               record: bool = True, *, nonzero=None):
+    """One optimizer step on a minibatch, with nothing read back from the device; returns the
+    loss output. ``record=False`` leaves the loss for the caller to record (a CUDA graph)."""
+    guard.before_forward()
+    out = module.loss(x, codes, kl_weight=kl_weight, nonzero=nonzero)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    guard.check(out.loss)
+    if record:
+        guard.record(out.loss)
+    optimizer.step()
+    return out
 
 
 @dataclass
@@ -210,9 +234,20 @@ def fit(
     before it. Ctrl-C ends training early (``History.interrupted``).
     """
     # fused: one kernel for all parameters instead of a dozen small ops per tensor
+    on_cuda = next(module.parameters()).device.type == "cuda"
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=0.01,
-                                 weight_decay=config.weight_decay, fused=True)
+                                 weight_decay=config.weight_decay, fused=True,
+                                 capturable=config.cuda_graphs and on_cuda)
     guard = _FiniteGuard(module, optimizer)
+    graphed = None
+    if config.cuda_graphs:
+        if module.uses_nonzero_positions:  # data-dependent shapes cannot be captured
+            msg = "cuda_graphs needs the dense likelihood path of an accelerator."
+            raise ValueError(msg)
+        graphed = GraphedStep(
+            lambda x, codes, kl, record: train_step(module, optimizer, guard, x, codes, kl,
+                                                    record),
+            guard, config.batch_size, capture=cuda_capture)
     total_steps = config.max_epochs * train_data.n_batches(config.batch_size)
     progress = _Progress()
     if resume_from is not None:
@@ -225,7 +260,7 @@ def fit(
         for epoch in bar:
             stopped_early = _run_epoch(module, train_data, validation_data, config, optimizer,
                                        guard, generator, progress, epoch, total_steps,
-                                       first_epoch, bar)
+                                       first_epoch, bar, graphed)
             if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
                 write_checkpoint(checkpoint.directory, _checkpoint_state(
                     progress, module, optimizer, generator, checkpoint, first_epoch))
@@ -242,13 +277,14 @@ def fit(
 
 
 def _run_epoch(module, train_data, validation_data, config, optimizer, guard, generator,
-               progress: _Progress, epoch: int, total_steps: int, first_epoch: int, bar) -> bool:
+               progress: _Progress, epoch: int, total_steps: int, first_epoch: int, bar,
+               graphed: GraphedStep | None = None) -> bool:
     """One epoch of training and validation, recorded in ``progress``; True to stop early."""
     t0 = time.perf_counter()
     guard.start_epoch(train_data.n_batches(config.batch_size))
     sums, step, kl_weight = _epoch_sums(
         module, train_data, config, train=True, optimizer=optimizer, step=progress.step,
-        total_steps=total_steps, generator=generator, guard=guard,
+        total_steps=total_steps, generator=generator, guard=guard, graphed=graphed,
     )
     bad = guard.first_bad_step()
     if bad is not None:
