@@ -234,10 +234,10 @@ def fit(
     before it. Ctrl-C ends training early (``History.interrupted``).
     """
     # fused: one kernel for all parameters instead of a dozen small ops per tensor
-    on_cuda = next(module.parameters()).device.type == "cuda"
+    capturable = config.cuda_graphs and next(module.parameters()).device.type == "cuda"
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=0.01,
                                  weight_decay=config.weight_decay, fused=True,
-                                 capturable=config.cuda_graphs and on_cuda)
+                                 capturable=capturable)
     guard = _FiniteGuard(module, optimizer)
     graphed = None
     if config.cuda_graphs:
@@ -253,6 +253,8 @@ def fit(
     if resume_from is not None:
         first_epoch = resume_from["first_epoch"]
         progress = _resume(resume_from, module, optimizer, generator)
+        for group in optimizer.param_groups:  # a checkpoint of the other mode says otherwise
+            group["capturable"] = capturable
     stopped_early = interrupted = False
     bar = tqdm(range(progress.epoch, config.max_epochs), disable=not config.progress_bar,
                desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
