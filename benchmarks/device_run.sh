@@ -6,6 +6,9 @@
 #
 #     run(command="bash benchmarks/device_run.sh", carry=[".whl", ".gpudata"], timeout_s=600)
 #
+# or one stage a call, each with more time (the machine stays warm about 30 s between calls):
+# command="STAGES=1 STAGE1_S=540 bash benchmarks/device_run.sh", then STAGES=2 STAGE2_S=540.
+#
 # Stages: versions and a CUDA check; (1) pbmc3k, 400 epochs: scvi-tools at batch 128 and 512,
 # omicvae_sc at STAGE1_BATCHES and with its defaults; (2) one epoch over 1M cells resampled
 # from pbmc3k: scvi-tools at 128, omicvae_sc at STAGE2_BATCHES, with inference timings.
@@ -24,7 +27,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/device_run.log") 2>&1
 start=$SECONDS
-if [ "${INSTALL:-1}" = 1 ]; then
+if [ "${INSTALL:-1}" = 1 ] && [ ! -d /tmp/site/scvi ]; then  # a warm machine keeps /tmp/site
     wheels=(.whl/*.whl)
     # pandas 2.3.3 travels for anndata 0.12 (pandas < 3); used only if the image's is 3 or later
     major=$(python3 -c 'import pandas; print(pandas.__version__.split(".")[0])' 2>/dev/null)
@@ -33,6 +36,8 @@ if [ "${INSTALL:-1}" = 1 ]; then
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "${wheels[@]}" || exit 1
+fi
+if [ "${INSTALL:-1}" = 1 ]; then
     export PYTHONPATH=/tmp/site:$PWD OMICVAE_SC_DATA=$PWD/.gpudata
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 fi
@@ -57,10 +62,16 @@ check "$SCVI_PY" scvi || exit 1
 echo "setup took $((SECONDS - start)) s"
 common=(--device "$DEVICE" --scvi-python "$SCVI_PY" --threads "${THREADS:-8}"
         --epochs "${EPOCHS:-400}" --cuda-graphs "${GRAPHS:-both}" --keep-going)
-timeout "${STAGE1_S:-260}" "$PY" benchmarks/speed.py "${common[@]}" --parts pbmc3k \
-    --batch-sizes ${STAGE1_BATCHES:-128 512} --scvi-batch-sizes 128 512 --csv "$OUT/pbmc3k.csv"
-echo "stage 1 (pbmc3k) rc $? at $((SECONDS - start)) s"
-timeout "${STAGE2_S:-230}" "$PY" benchmarks/speed.py "${common[@]}" --parts large \
-    --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-1024 8192} \
-    --csv "$OUT/large.csv"
-echo "stage 2 (large) rc $? at $((SECONDS - start)) s"
+stages=${STAGES:-1 2}
+if [[ " $stages " == *" 1 "* ]]; then
+    timeout "${STAGE1_S:-260}" "$PY" benchmarks/speed.py "${common[@]}" --parts pbmc3k \
+        --batch-sizes ${STAGE1_BATCHES:-128 512} --scvi-batch-sizes 128 512 \
+        --csv "$OUT/pbmc3k.csv"
+    echo "stage 1 (pbmc3k) rc $? at $((SECONDS - start)) s"
+fi
+if [[ " $stages " == *" 2 "* ]]; then
+    timeout "${STAGE2_S:-230}" "$PY" benchmarks/speed.py "${common[@]}" --parts large \
+        --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-1024 8192} \
+        --csv "$OUT/large.csv"
+    echo "stage 2 (large) rc $? at $((SECONDS - start)) s"
+fi
