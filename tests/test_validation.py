@@ -298,6 +298,55 @@ def test_bad_hyperparameters_via_model(kwargs, match, synthetic, adata_fingerpri
     assert adata_fingerprint(synthetic) == before
 
 
+def _no_gpu(monkeypatch, cuda_build):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+
+
+@pytest.mark.parametrize(("device", "cuda_build", "match"), [
+    ("cuda", None, r"device='cuda', but this torch sees no CUDA GPU \(torch .*, a CPU-only "
+                   r"build\)\. Use device='auto' to take a GPU when there is one, or "
+                   r"device='cpu'"),
+    ("cuda:1", "12.4", r"device='cuda:1', but this torch sees no CUDA GPU \(torch .*, built for "
+                       r"CUDA 12\.4\)"),
+    ("bogus", None, r"device='bogus' is not a device torch knows; use 'auto' \(CUDA when "
+                    r"present\), 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_a_device_this_torch_cannot_use_is_refused(device, cuda_build, match, monkeypatch,
+                                                    synthetic, adata_fingerprint):
+    _no_gpu(monkeypatch, cuda_build)
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=match):
+        OmicVAE(synthetic, device=device)
+    with pytest.raises(ValueError, match=match):
+        ov.tl.omicvae(synthetic, layer="counts", max_epochs=1, device=device,
+                      progress_bar=False)
+    assert adata_fingerprint(synthetic) == before
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch, synthetic):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    with pytest.raises(ValueError, match=r"device='cuda:2', but this torch sees 2 CUDA GPU\(s\) "
+                                         r"\(cuda:0 to cuda:1\)"):
+        OmicVAE(synthetic, device="cuda:2")
+
+
+def test_mps_where_there_is_none_is_refused(monkeypatch, synthetic):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    with pytest.raises(ValueError, match=r"device='mps', but this torch cannot use an Apple GPU"):
+        OmicVAE(synthetic, device="mps")
+
+
 @pytest.mark.parametrize(("kwargs", "match"), BAD_HYPERPARAMETERS)
 def test_bad_hyperparameters_via_tl(kwargs, match, synthetic, adata_fingerprint):
     # tl.omicvae takes n_latent and likelihood itself, the rest through model_kwargs

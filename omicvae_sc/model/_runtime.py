@@ -28,10 +28,32 @@ def chunk_rows(device: torch.device, per_row: int, elements: int = CHUNK_ELEMENT
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` means CUDA when present, else the CPU."""
-    if device == "auto":
+    """``"auto"`` means CUDA when present, else the CPU. A device this torch cannot use is a
+    ``ValueError`` that says what it has, before anything is built."""
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        msg = (f"device={device!r} is not a device torch knows; use 'auto' (CUDA when present),"
+               f" 'cpu', 'cuda' or 'cuda:N'.")
+        raise ValueError(msg) from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            build = f"torch {torch.__version__}, built for CUDA {torch.version.cuda}" \
+                if torch.version.cuda else f"torch {torch.__version__}, a CPU-only build"
+            msg = (f"device={str(device)!r}, but this torch sees no CUDA GPU ({build}). "
+                   "Use device='auto' to take a GPU when there is one, or device='cpu'.")
+            raise ValueError(msg)
+        if device.index is not None and device.index >= count:
+            msg = (f"device={str(device)!r}, but this torch sees {count} CUDA GPU(s) "
+                   f"(cuda:0 to cuda:{count - 1}).")
+            raise ValueError(msg)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        msg = "device='mps', but this torch cannot use an Apple GPU here; use device='cpu'."
+        raise ValueError(msg)
+    return device
 
 
 @contextlib.contextmanager
