@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -92,6 +93,8 @@ def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -
     row["ll_test"] = float(z["ll_test"].mean())
     row["cells_per_s"] = row["n_train"] * row["epochs"] / row["train_seconds"]
     row["s_per_epoch"] = row["train_seconds"] / row["epochs"]
+    # every figure at once, so that a run cut short (a time limit) keeps it in its log
+    print("fit " + json.dumps({k: v for k, v in row.items() if np.isscalar(v)}), flush=True)
     return row
 
 
@@ -146,11 +149,7 @@ def part_large(args, tmp: Path) -> list[dict]:
     path = tmp / "large.h5ad"
     big.write_h5ad(path)
     del big
-    rows = []
-    if args.scvi_python:
-        rows.append({"fit": f"scvi-tools, {args.large_cells} cells, batch 128, 1 epoch",
-                     **fit("scvi", path, tmp / "test.h5ad", tmp / "s.npz", args,
-                           ["--epochs", "1"])})
+    rows = []  # omicvae_sc first: a run cut short by a time limit keeps its figures
     for bs, graphs in itertools.product(args.large_batch_sizes or args.batch_sizes,
                                         graph_modes(args)):
         lr = scaled_lr(bs)
@@ -159,6 +158,10 @@ def part_large(args, tmp: Path) -> list[dict]:
                      **fit("omicvae_sc", path, tmp / "test.h5ad", tmp / "o.npz", args,
                            ["--epochs", "1", "--batch-size", str(bs), "--lr", str(lr),
                             "--time-inference", *(["--cuda-graphs"] if graphs else [])])})
+    if args.scvi_python:
+        rows.append({"fit": f"scvi-tools, {args.large_cells} cells, batch 128, 1 epoch",
+                     **fit("scvi", path, tmp / "test.h5ad", tmp / "s.npz", args,
+                           ["--epochs", "1"])})
     return [row | {"part": "large", "likelihood": args.likelihood} for row in rows]
 
 
