@@ -169,19 +169,21 @@ def test_cuda_graphs_on_the_cpu_path_is_refused():
         fit(module, CountTensors(counts, None), None, config, generator=torch.Generator())
 
 
-def test_train_with_cuda_graphs_needs_a_cuda_device():
-    import anndata as ad
-
+def test_train_with_cuda_graphs_needs_a_cuda_device(synthetic, adata_fingerprint):
+    import omicvae_sc as ov
     from omicvae_sc import OmicVAE
 
-    counts, _ = _counts()
-    adata = ad.AnnData(counts)
-    OmicVAE.setup_anndata(adata)
-    model = OmicVAE(adata, device="cpu")
-    with pytest.raises(ValueError, match=r"cuda_graphs=True needs a CUDA device; this model is "
-                                         r"on 'cpu'"):
+    match = r"cuda_graphs=True needs a CUDA device; this model is on 'cpu'"
+    OmicVAE.setup_anndata(synthetic, layer="counts")
+    model = OmicVAE(synthetic, device="cpu")
+    with pytest.raises(ValueError, match=match):
         model.train(max_epochs=1, cuda_graphs=True, progress_bar=False)
     assert not model.is_trained
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=match):
+        ov.tl.omicvae(synthetic, layer="counts", max_epochs=1, device="cpu", progress_bar=False,
+                      train_kwargs={"cuda_graphs": True})
+    assert adata_fingerprint(synthetic) == before
 
 
 def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
