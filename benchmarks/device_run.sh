@@ -69,13 +69,13 @@ common=(--device "$DEVICE" "${scvi[@]}" --threads "${THREADS:-8}"
         --epochs "${EPOCHS:-400}" --cuda-graphs "${GRAPHS:-both}" --keep-going)
 stages=${STAGES:-1 2}
 if [[ " $stages " == *" 1 "* ]]; then
-    timeout "${STAGE1_S:-260}" "$PY" benchmarks/speed.py "${common[@]}" --parts pbmc3k \
+    timeout "${STAGE1_S:-250}" "$PY" benchmarks/speed.py "${common[@]}" --parts pbmc3k \
         --batch-sizes ${STAGE1_BATCHES:-128 512} --scvi-batch-sizes 128 512 \
         --csv "$OUT/pbmc3k.csv"
     echo "stage 1 (pbmc3k) rc $? at $((SECONDS - start)) s"
 fi
 if [[ " $stages " == *" 2 "* ]]; then
-    timeout "${STAGE2_S:-230}" "$PY" benchmarks/speed.py "${common[@]}" --parts large \
+    timeout "${STAGE2_S:-280}" "$PY" benchmarks/speed.py "${common[@]}" --parts large \
         --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-1024 8192} \
         --csv "$OUT/large.csv"
     echo "stage 2 (large) rc $? at $((SECONDS - start)) s"
