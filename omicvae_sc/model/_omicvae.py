@@ -44,6 +44,7 @@ from omicvae_sc.train import (
     default_max_epochs,
     fit,
     read_checkpoint,
+    steady_heap,
 )
 
 
@@ -284,7 +285,8 @@ class OmicVAE:
             raise
         self.history = self.history.concat(history)
         self.is_trained = True
-        self._diagnose()
+        with steady_heap():  # its chunks, like training steps, reuse freed memory
+            self._diagnose()
         if history.interrupted:
             msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {max_epochs} epochs; "
                    "the model keeps what it learned so far and model.history the completed "
@@ -296,7 +298,8 @@ class OmicVAE:
     def _chunks(self, data: CountTensors, n_samples: int = 1, batch_size: int | None = None):
         if batch_size is None:
             batch_size = chunk_rows(data.device, n_samples * data.n_genes)
-        yield from data.batches(batch_size, shuffle=False)
+        with steady_heap():  # each chunk reuses the memory the last one freed
+            yield from data.batches(batch_size, shuffle=False)
 
     # ------------------------------------------------------------ outputs, scores, self-report
     # One class and no mixins: these methods are written by topic in sibling files and bound

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from omicvae_sc.module import VAE
 from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
 from omicvae_sc.train._graph import GraphedStep, cuda_capture
+from omicvae_sc.train._heap import steady_heap
 from omicvae_sc.train._history import History
 
 
@@ -259,15 +260,16 @@ def fit(
     bar = tqdm(range(progress.epoch, config.max_epochs), disable=not config.progress_bar,
                desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
     try:
-        for epoch in bar:
-            stopped_early = _run_epoch(module, train_data, validation_data, config, optimizer,
-                                       guard, generator, progress, epoch, total_steps,
-                                       first_epoch, bar, graphed)
-            if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
-                write_checkpoint(checkpoint.directory, _checkpoint_state(
-                    progress, module, optimizer, generator, checkpoint, first_epoch))
-            if stopped_early:
-                break
+        with steady_heap():  # freed step memory stays for the next step (train/_heap.py)
+            for epoch in bar:
+                stopped_early = _run_epoch(module, train_data, validation_data, config,
+                                           optimizer, guard, generator, progress, epoch,
+                                           total_steps, first_epoch, bar, graphed)
+                if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
+                    write_checkpoint(checkpoint.directory, _checkpoint_state(
+                        progress, module, optimizer, generator, checkpoint, first_epoch))
+                if stopped_early:
+                    break
     except KeyboardInterrupt:
         interrupted = True  # keep what was learned; the caller says so
     finally:
