@@ -76,18 +76,26 @@ def resample(adata: ad.AnnData, n_cells: int, seed: int = 0) -> ad.AnnData:
     return out
 
 
+GLIBC_STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                     "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+"""glibc's environment form of the malloc settings omicvae_sc makes itself (train/_heap.py),
+for ``--scvi-steady-heap``."""
+
+
 def fit(tool: str, train: Path, test: Path, out: Path, args, extra: list[str]) -> dict:
     python = sys.executable if tool == "omicvae_sc" else args.scvi_python
+    env = {**os.environ, **(GLIBC_STEADY_HEAP if tool == "scvi" and args.scvi_steady_heap
+                             else {})}
     runner = HERE / ("_run_omicvae.py" if tool == "omicvae_sc" else "_run_scvi.py")
     cmd = [python, str(runner), "--train", str(train), "--test", str(test), "--out", str(out),
            "--seed", str(args.seed), "--threads", str(args.threads),
            "--likelihood", args.likelihood, "--device", args.device, *extra]
     if args.keep_going:  # a failed fit is a row saying so; the run goes on
-        rc = subprocess.run(cmd, check=False).returncode
+        rc = subprocess.run(cmd, check=False, env=env).returncode
         if rc:
             return {"tool": tool, "failed_rc": rc}
     else:
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
     z = np.load(out)
     row = {k: z[k].item() for k in z.files if z[k].ndim == 0 and k not in ("tool", "version")}
     row["tool"] = tool
@@ -231,6 +239,9 @@ def main() -> None:
     parser.add_argument("--scvi-python", default=os.environ.get("SCVI_PYTHON"),
                         help="python of the scvi-tools venv (scvi-tools is skipped without it)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--scvi-steady-heap", action="store_true",
+                        help="run scvi-tools with glibc's MALLOC_MMAP_THRESHOLD_ and "
+                             "MALLOC_TRIM_THRESHOLD_ at omicvae_sc's own settings")
     parser.add_argument("--keep-going", action="store_true",
                         help="record a failed fit (its exit status in failed_rc) and go on")
     args = parser.parse_args()
