@@ -1,13 +1,14 @@
 """Page faults and kernel time per training step, with and without ``steady_heap``.
 
-Each fit is ``OmicVAE.train`` on pbmc3k (2,000 HVGs, the train cells of ``_prep.py``) in its
-own process, ``OMICVAE_SC_TUNE_MALLOC=0`` (glibc's default malloc settings) and ``=1`` (the
-package's, ``train/_heap.py``) alternating, so that both see the same drift of this shared
-machine. Printed per fit: ms per step, minor page faults per step, kernel (system) and user CPU
-ms per step, from ``getrusage`` around ``train()``; then the ratio of the medians.
+Each fit is the training loop (``--loop fit``, the default) or ``OmicVAE.train`` with its
+diagnostics (``--loop train``) on pbmc3k (2,000 HVGs, the train cells of ``_prep.py``), the
+first training of its own process, with ``OMICVAE_SC_TUNE_MALLOC=0`` (glibc's default malloc
+settings) and ``=1`` (the package's, ``train/_heap.py``) alternating, so that both see the same
+drift of this shared machine. Printed per fit: ms per step, minor page faults per step, kernel
+(system) and user CPU ms per step, from ``getrusage`` around the training; then the ratio of
+the medians.
 
-    python benchmarks/page_faults.py --batch-sizes 128 512 --repeats 3
-"""
+    python benchmarks/page_faults.py --batch-sizes 512 128 --repeats 3"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 
-def one_fit(train_path: Path, batch_size: int, epochs: int, threads: int) -> dict:
+def one_fit(train_path: Path, batch_size: int, epochs: int, threads: int, loop: str) -> dict:
     import resource
     import time
 
@@ -29,19 +30,29 @@ def one_fit(train_path: Path, batch_size: int, epochs: int, threads: int) -> dic
     import torch
 
     from omicvae_sc import OmicVAE
+    from omicvae_sc.data import CountTensors
+    from omicvae_sc.model._runtime import resolve_precision
+    from omicvae_sc.train import TrainConfig, fit
 
     torch.set_num_threads(threads)
     train = ad.read_h5ad(train_path)
     OmicVAE.setup_anndata(train, layer="counts")
     model = OmicVAE(train, device="cpu")
     kwargs = {"batch_size": batch_size, "validation_fraction": 0.0, "progress_bar": False}
-    # the process's first train(), as a user's: an earlier one (its outputs after training
+    data = CountTensors(train.layers["counts"], None, "cpu")
+    config = TrainConfig(max_epochs=epochs, batch_size=batch_size, progress_bar=False,
+                         precision=resolve_precision("auto", torch.device("cpu")))
+    # the process's first training, as a user's: an earlier one (its outputs after training
     # free large chunks) would have let glibc's adaptive threshold rise already
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    history = model.train(epochs, **kwargs)
+    if loop == "train":  # OmicVAE.train: the loop, then the diagnostics
+        history = model.train(epochs, **kwargs)
+    else:  # the training loop alone, seeded as train() seeds it
+        torch.manual_seed(0)
+        history = fit(model.module, data, None, config, generator=torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    steps = epochs * -(-train.n_obs // batch_size)
+    steps = epochs * data.n_batches(batch_size)
     return {"ms_per_step": seconds / steps * 1e3,
             "faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
             "sys_ms_per_step": (r1.ru_stime - r0.ru_stime) / steps * 1e3,
@@ -55,11 +66,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loop", choices=["fit", "train"], default="fit",
+                        help="time the training loop alone (fit) or OmicVAE.train with its "
+                             "diagnostics (train)")
     parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # the child process: one fit, its figures as JSON
         print(json.dumps(one_fit(Path(args.one[0]), int(args.one[1]), args.epochs,
-                                 args.threads)))
+                                 args.threads, args.loop)))
         return
     from _prep import data_path, prepare
 
@@ -74,7 +88,7 @@ def main() -> None:
                 for tune in ("0", "1"):
                     out = subprocess.run(
                         [sys.executable, __file__, "--one", str(path), str(bs), "--epochs",
-                         str(args.epochs), "--threads", str(args.threads)],
+                         str(args.epochs), "--threads", str(args.threads), "--loop", args.loop],
                         env={**os.environ, "OMICVAE_SC_TUNE_MALLOC": tune}, check=True,
                         capture_output=True, text=True).stdout
                     row = json.loads(out.strip().splitlines()[-1])
