@@ -14,6 +14,7 @@ from torch.distributions import Distribution, Gamma, constraints
 from torch.distributions.constraints import Constraint
 from torch.distributions.utils import broadcast_all
 
+from omicvae_sc.module._fused import _log_factorial
 from omicvae_sc.module._nb_kernel import EPS, nb_log_prob
 
 __all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "make_count_distribution"]
@@ -167,12 +168,8 @@ class Poisson(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        with torch.no_grad():
-            if value.device.type == "cpu":  # log x!, on the non-zero counts only
-                idx = torch.nonzero(value > 0, as_tuple=True)
-                log_fact = torch.zeros_like(value).index_put(idx, torch.lgamma(value[idx] + 1))
-            else:  # finding them would make the host wait for the device: dense
-                log_fact = torch.lgamma(value + 1)
+        with torch.no_grad():  # log x!: a table on the CPU, no wait for an accelerator
+            log_fact = _log_factorial(value)
         return value * torch.log(self.rate + EPS) - self.rate - log_fact
 
     @torch.no_grad()

@@ -47,6 +47,11 @@ def _side_stream(device: torch.device) -> Iterator[None]:
     main.wait_stream(side)
 
 
+def batch_sums(out) -> torch.Tensor:
+    """A minibatch's [distortion, rate] sums over its cells, on the device."""
+    return torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
+
+
 class GraphedStep:
     """Training steps of ``batch_size`` cells: ``WARMUP_STEPS`` eager ones, then the step
     captured once by ``capture`` and replayed.
@@ -88,8 +93,7 @@ class GraphedStep:
         return self.sums.clone()
 
     def _eager(self, x, codes, kl_weight) -> torch.Tensor:
-        out = self.step_fn(x, codes, kl_weight, True)
-        return torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
+        return batch_sums(self.step_fn(x, codes, kl_weight, True))
 
     def _capture(self, x: torch.Tensor, codes: torch.Tensor | None) -> bool:
         """Record the step; on failure warn, and return False (training goes on eagerly: a
@@ -103,7 +107,7 @@ class GraphedStep:
         def body() -> None:
             out = self.step_fn(self.x, self.codes, self.kl, False)
             self.loss.copy_(out.loss.detach())
-            self.sums.copy_(torch.stack([out.distortion.sum(), out.rate.sum()]).detach())
+            self.sums.copy_(batch_sums(out))
 
         try:
             self.replay = self.capture(body)

@@ -4,8 +4,9 @@ A training step allocates and frees tens of megabytes of ``(batch, genes)`` tens
 glibc's default settings that memory goes back to the operating system at the end of every
 step (large blocks are unmapped, and the top of the heap is trimmed once more than a few
 megabytes are free there), and the next step takes it back one 4 KiB page fault at a time:
-about 4,000 faults and 7 ms of kernel time per batch-512 step on pbmc3k, a quarter of the step
-(``benchmarks/page_faults.py``). :func:`steady_heap` sets the two thresholds to the values
+2,100 to 4,000 faults and 6 to 11 ms of kernel CPU time per batch-512 step on pbmc3k in a
+process's first training; without them the step took 0.79x to 0.93x as long (medians of two
+runs of ``benchmarks/page_faults.py``). :func:`steady_heap` sets the two thresholds to the values
 glibc's own adaptive rule may reach by itself (blocks up to 32 MiB served from the heap, up to
 64 MiB kept free at its top), and hands the free memory back with ``malloc_trim`` when training
 ends. Elsewhere (macOS, Windows, musl) it does nothing. ``OMICVAE_SC_TUNE_MALLOC=0`` turns it
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -32,6 +34,12 @@ def _glibc():
     """glibc's ``mallopt`` and ``malloc_trim``, or ``None`` where they are not the allocator."""
     if os.environ.get("OMICVAE_SC_TUNE_MALLOC", "1") == "0":
         return None
+    return _glibc_library()
+
+
+@functools.cache
+def _glibc_library():
+    """Found once per process: ``platform.libc_ver`` reads the Python executable."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

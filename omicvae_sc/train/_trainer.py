@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from omicvae_sc.module import VAE
 from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
-from omicvae_sc.train._graph import GraphedStep, cuda_capture
+from omicvae_sc.train._graph import GraphedStep, batch_sums, cuda_capture
 from omicvae_sc.train._heap import steady_heap
 from omicvae_sc.train._history import History
 
@@ -154,12 +154,12 @@ def _epoch_sums(
                 kl_weight = kl_weight_at(step, total_steps, config)
                 step += 1
             if train and graphed is not None and graphed.takes(x):
-                batch_sums = graphed.step(x, codes, kl_weight)
+                step_sums = graphed.step(x, codes, kl_weight)
             else:
                 out = (train_step(module, optimizer, guard, x, codes, kl_weight, nonzero=nz)
                        if train else module.loss(x, codes, kl_weight=1.0, nonzero=nz))
-                batch_sums = torch.stack([out.distortion.sum(), out.rate.sum()]).detach()
-            sums = batch_sums if sums is None else sums + batch_sums
+                step_sums = batch_sums(out)
+            sums = step_sums if sums is None else sums + step_sums
     return sums, step, kl_weight
 
 
