@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import omicvae_sc as ov
+from omicvae_sc.train import temp_file
 
 PROG = "omicvae-sc"
 EXIT_USAGE = 2
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--doublet-rate", type=float, default=None, metavar="FRACTION",
                      help="flag this share of cells as doublets (default: 0.8%% per 1,000 "
                      "cells)")
+    fit.add_argument("--n-top-genes", type=_positive_int, default=None, metavar="N",
+                     help="model only the N most variable genes of the counts (scanpy's "
+                     "seurat_v3 flavour, per batch with --batch-key); results are written for "
+                     "all genes. Default: every gene (slow on a raw 30k-gene matrix; 2000 is "
+                     "usual)")
     fit.add_argument("--no-anomaly", action="store_true", help="skip anomaly scores and flags")
     fit.add_argument("--no-doublets", action="store_true", help="skip doublet scores and flags")
     fit.add_argument("--save-model", type=Path, default=None, metavar="DIR",
@@ -160,8 +166,7 @@ def _read_input(path: Path, output: Path):
 def _write_atomic(adata, output: Path) -> None:
     """Write next to ``output`` and rename into place, so a failed write leaves no partial file."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".h5ad", dir=output.parent)
-    os.close(fd)
+    tmp = temp_file(output.parent, prefix=f".{output.name}.", suffix=".h5ad")
     try:
         adata.write_h5ad(tmp)
         os.replace(tmp, output)
@@ -171,8 +176,8 @@ def _write_atomic(adata, output: Path) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from omicvae_sc.data import build_setup
     from omicvae_sc.model._scores import check_rate
+    from omicvae_sc.tl._omicvae import prepare, write_back
 
     start = time.perf_counter()
     adata = _read_input(args.input, args.output)
@@ -182,15 +187,16 @@ def run_fit(args: argparse.Namespace) -> int:
     try:  # validate before training, so a real failure in training keeps its traceback
         check_rate("--contamination", args.contamination)
         check_rate("--doublet-rate", args.doublet_rate)
-        setup = build_setup(adata, layer=args.layer, batch_key=args.batch_key)
-        model = ov.OmicVAE._from_setup(adata, setup, n_latent=args.n_latent,
-                                       likelihood=args.likelihood, seed=args.seed)
+        model, genes = prepare(adata, layer=args.layer, batch_key=args.batch_key,
+                               categorical_covariate_keys=None, n_top_genes=args.n_top_genes,
+                               allow_non_integer=False, device="auto", n_latent=args.n_latent,
+                               likelihood=args.likelihood, seed=args.seed)
     except (ValueError, KeyError, TypeError) as err:
-        raise CliError(_message(err)) from err
+        raise CliError(as_cli_message(_message(err))) from err
     model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
-    model.write_results(adata, layers=args.denoised, anomaly=not args.no_anomaly,
-                        contamination=args.contamination, doublets=not args.no_doublets,
-                        doublet_rate=args.doublet_rate, seed=args.seed)
+    write_back(model, adata, genes, key_added="omicvae", layers=args.denoised,
+               anomaly=not args.no_anomaly, contamination=args.contamination,
+               doublets=not args.no_doublets, doublet_rate=args.doublet_rate, seed=args.seed)
     seconds = time.perf_counter() - start
     _write_atomic(adata, args.output)
     print(f"wrote {args.output}")
@@ -199,6 +205,23 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_model}")
     print(f"fit: {_summary(adata, seconds)}")
     return 0
+
+
+CLI_FLAGS = {"layer": "--layer", "batch_key": "--batch-key", "n_top_genes": "--n-top-genes",
+             "n_latent": "--n-latent", "likelihood": "--likelihood"}
+"""The package's parameter names and the flags that set them on the command line."""
+
+
+def as_cli_message(text: str) -> str:
+    """An error message of the Python API as the command line says it: ``Pass layer= naming
+    the raw-count layer`` becomes ``Pass --layer naming ...``, ``adata.X`` becomes ``X``."""
+    text = text.replace("layer=None to use adata.X", "leave out --layer to use X")
+    for name, flag in CLI_FLAGS.items():
+        text = re.sub(rf"\b{name}=(?![\w'\"(\[{{])", flag, text)  # "layer= naming" (no value)
+        text = re.sub(rf"\b{name}=", f"{flag} ", text)  # "n_top_genes=2000"
+        text = text.replace(f"passed as {name}", f"passed as {flag}")
+        text = re.sub(rf"^{name} must", f"{flag} must", text)
+    return re.sub(r"\badata\.X\b", "X", text)
 
 
 def _message(err: BaseException) -> str:
@@ -219,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, usage errors: return, don't exit
         code = exit_.code
         return 0 if code is None else code if isinstance(code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # stdout, as the help says; a library's own handlers are left alone
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     command = {"demo": run_demo, "fit": run_fit}[args.command]
     try:
         return command(args)

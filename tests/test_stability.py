@@ -86,8 +86,11 @@ def test_bad_input_raises_and_leaves_adata_unchanged(synthetic, adata_fingerprin
     assert adata_fingerprint(synthetic) == fp
 
 
-def test_a_view_is_not_written_into(synthetic):
+def test_a_view_is_written_as_anndata_does_it(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
     view = synthetic[:100]
-    with pytest.raises(ValueError, match="view"):
-        ov.tl.latent_stability(view, max_epochs=1, progress_bar=False)
+    with pytest.warns(ad.ImplicitModificationWarning):
+        ov.tl.latent_stability(view, seeds=(0, 1), max_epochs=1, progress_bar=False)
+    assert "omicvae_stability" in view.obs and not view.is_view
+    assert adata_fingerprint(synthetic) == before
     assert "omicvae_stability" not in synthetic.obs

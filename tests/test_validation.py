@@ -241,12 +241,28 @@ def test_repeated_covariate_key_is_rejected(entry, synthetic, adata_fingerprint)
 
 
 # ---------------------------------------------------------------------------- the object
-@ENTRY_POINTS
-def test_view_is_rejected(entry, synthetic, adata_fingerprint):
+def test_a_view_gives_the_results_of_its_copy(synthetic, adata_fingerprint):
+    """The scanpy tutorials' `adata = adata[:, adata.var.highly_variable]`, then the tool: the
+    view becomes an actual AnnData as anndata does it (with its warning), the parent is
+    untouched, and the results are those of the copy."""
     parent_before = adata_fingerprint(synthetic)
-    view = synthetic[:10]
-    _assert_rejected(entry, view, adata_fingerprint, ValueError,
-                     r"adata is a view of another AnnData.*adata = adata\.copy\(\)")
+    view, copy_ = synthetic[:, 10:], synthetic[:, 10:].copy()
+    with pytest.warns(ad.ImplicitModificationWarning, match="initializing view as actual"):
+        _tl(view, layer="counts", batch_key="batch")
+    _tl(copy_, layer="counts", batch_key="batch")
+    assert not view.is_view
+    assert adata_fingerprint(synthetic) == parent_before
+    np.testing.assert_array_equal(view.obsm["X_omicvae"], copy_.obsm["X_omicvae"])
+    for key in ("omicvae_log_likelihood", "omicvae_anomaly_score", "omicvae_doublet_score"):
+        np.testing.assert_array_equal(view.obs[key], copy_.obs[key])
+
+
+def test_setup_anndata_on_a_view(synthetic, adata_fingerprint):
+    parent_before = adata_fingerprint(synthetic)
+    view = synthetic[:50]
+    with pytest.warns(ad.ImplicitModificationWarning):
+        OmicVAE.setup_anndata(view, layer="counts")
+    assert not view.is_view and "omicvae_setup" in view.uns
     assert adata_fingerprint(synthetic) == parent_before
 
 
@@ -387,21 +403,31 @@ def test_model_on_anndata_never_set_up(synthetic, adata_fingerprint):
     assert adata_fingerprint(synthetic) == before
 
 
-def test_model_on_a_view_is_rejected(synthetic):
+def test_model_on_a_view_trains_as_on_its_copy(synthetic):
     OmicVAE.setup_anndata(synthetic, layer="counts")
-    with pytest.raises(ValueError, match=r"adata is a view of another AnnData"):
-        OmicVAE(synthetic[:50], device="cpu")
+    view, copy_ = synthetic[:60], synthetic[:60].copy()
+    latents = []
+    for adata in (view, copy_):
+        model = OmicVAE(adata, device="cpu")
+        model.train(2, progress_bar=False)
+        latents.append(model.get_latent_representation())
+    assert view.is_view  # training only reads
+    np.testing.assert_array_equal(*latents)
 
 
-def test_a_view_is_read_but_not_written(trained, synthetic, adata_fingerprint):
-    view = synthetic[:40]
+def test_a_view_is_read_and_written_as_its_copy(trained, synthetic, adata_fingerprint):
+    parent_before = adata_fingerprint(synthetic)
+    view, copy_ = synthetic[:40], synthetic[:40].copy()
     np.testing.assert_array_equal(trained.get_latent_representation(view),
-                                  trained.get_latent_representation(synthetic[:40].copy()))
-    before = adata_fingerprint(view)
-    with pytest.raises(ValueError, match=r"adata is a view of another AnnData; .* will not "
-                                         r"write into a view\. Run `adata = adata\.copy\(\)`"):
-        trained.write_results(view)
-    assert adata_fingerprint(view) == before
+                                  trained.get_latent_representation(copy_))
+    assert view.is_view
+    with pytest.warns(ad.ImplicitModificationWarning):
+        trained.write_results(view, anomaly=False, doublets=False)
+    trained.write_results(copy_, anomaly=False, doublets=False)
+    assert not view.is_view
+    np.testing.assert_array_equal(view.obs["omicvae_log_likelihood"],
+                                  copy_.obs["omicvae_log_likelihood"])
+    assert adata_fingerprint(synthetic) == parent_before
 
 
 @ENTRY_POINTS
@@ -509,8 +535,9 @@ def _assert_all_getters_reject(model, adata, fingerprint, exc, match):
 def test_trained_model_rejects_missing_gene(trained, synthetic, adata_fingerprint):
     adata = synthetic[:, 1:].copy()
     _assert_all_getters_reject(trained, adata, adata_fingerprint, ValueError,
-                               r"adata has 59 genes but the model was trained on 60\. Subset "
-                               r"adata to the model's genes")
+                               r"adata has 59 genes but the model was trained on 60\. 1 of the "
+                               r"model's genes are not in adata \(e\.g\. \['gene0'\]\), so "
+                               r"subsetting cannot help")
 
 
 def test_trained_model_rejects_reordered_genes(trained, synthetic, adata_fingerprint):
@@ -519,7 +546,8 @@ def test_trained_model_rejects_reordered_genes(trained, synthetic, adata_fingerp
     adata = synthetic[:, order].copy()
     _assert_all_getters_reject(trained, adata, adata_fingerprint, ValueError,
                                r"adata's genes differ from the model's \(2 positions; first at 3: "
-                               r".*Reorder or subset adata")
+                               r".*Reorder or subset adata to the model's genes first: `adata = "
+                               r"adata\[:, model\.var_names\]\.copy\(\)`")
 
 
 def test_reordered_genes_message_names_genes_plainly(trained, synthetic):
@@ -597,9 +625,18 @@ def test_load_onto_different_genes_is_rejected(tmp_path, trained, synthetic, ada
     trained.save(path)
     adata = synthetic[:, ::-1].copy()
     before = adata_fingerprint(adata)
-    with pytest.raises(ValueError, match=r"adata's genes differ from the model's"):
+    with pytest.raises(ValueError, match=r"adata's genes differ from the model's .* first: "
+                       r"`adata = adata\[:, ov\.OmicVAE\.saved_var_names\('.*model'\)\]"
+                       r"\.copy\(\)`") as err:
         OmicVAE.load(path, adata, device="cpu")
     assert adata_fingerprint(adata) == before
+    # the line the message suggests works, with only the objects the user has
+    fix = str(err.value).rsplit("`", 2)[-2]
+    namespace = {"adata": adata, "ov": ov}
+    exec(fix, namespace)
+    model = OmicVAE.load(path, namespace["adata"], device="cpu")
+    np.testing.assert_array_equal(model.get_latent_representation(),
+                                  trained.get_latent_representation(synthetic))
 
 
 def test_save_onto_existing_path_needs_overwrite(tmp_path, trained):

@@ -198,8 +198,13 @@ def test_round_trips_through_h5ad(batch_key, tmp_path, synthetic):
 def test_logs_the_keys_added(caplog, synthetic):
     with caplog.at_level(logging.INFO, logger="omicvae_sc"):
         _fit(synthetic, max_epochs=2, key_added="bar", layers=True)
-    messages = [r.getMessage() for r in caplog.records if r.name == "omicvae_sc"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "omicvae_sc"]
+    messages = [m for m in lines if " added " in m]
     assert len(messages) == 1
+    stages = {m.split(": ", 1)[1].rsplit(" in ", 1)[0] for m in lines if m.endswith(" s")}
+    assert stages == {"training", "log-likelihood, rate and distortion", "anomaly scores",
+                      "doublet scores", "latent diagnostics and latents", "denoised expression",
+                      "write-back"}
     for attr, keys in _expected("bar", layers=True).items():
         for key in keys:
             assert f"{attr}[{key!r}]" in messages[0]

@@ -70,7 +70,7 @@ class AnnDataSetup:
         )
 
 
-def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
+def obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
     if key not in adata.obs.columns:
         cols = list(adata.obs.columns)
         shown = cols[:10] + (["..."] if len(cols) > 10 else [])
@@ -108,7 +108,7 @@ def build_setup(
     categories = []
     for i, key in enumerate(keys):
         role = "batch_key" if i == 0 and batch_key is not None else "categorical_covariate_keys"
-        col = _obs_column(adata, key, role)
+        col = obs_column(adata, key, role)
         warn_small_categories(key, col.astype(str).to_numpy())
         if isinstance(col.dtype, pd.CategoricalDtype):
             cats = col.cat.remove_unused_categories().cat.categories.astype(str)
@@ -140,7 +140,7 @@ def covariate_codes(adata: AnnData, setup: AnnDataSetup) -> np.ndarray | None:
         return None
     codes = np.empty((adata.n_obs, len(setup.covariate_keys)), dtype=np.int64)
     for j, (key, cats) in enumerate(zip(setup.covariate_keys, setup.categories, strict=True)):
-        values = _obs_column(adata, key, "a covariate of the model").astype(str).to_numpy()
+        values = obs_column(adata, key, "a covariate of the model").astype(str).to_numpy()
         index = pd.Index(cats).get_indexer(values)
         if (index < 0).any():
             unseen = sorted(set(values[index < 0]))[:5]

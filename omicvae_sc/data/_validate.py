@@ -10,18 +10,16 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 
-def check_anndata_object(adata: AnnData, *, allow_view: bool = False) -> None:
-    """Reject views (unless only read: ``allow_view``), backed objects, empty objects and
-    duplicated gene names."""
+def check_anndata_object(adata: AnnData) -> None:
+    """Reject backed objects, empty objects and duplicated gene names.
+
+    Views are accepted as scanpy's tools accept them: they are read as they are, and writing
+    results into one makes it an actual AnnData the way anndata does it (with anndata's
+    ``ImplicitModificationWarning``); the parent object is never changed.
+    """
     if not isinstance(adata, AnnData):
         msg = f"Expected an AnnData object, found {type(adata).__name__}."
         raise TypeError(msg)
-    if adata.is_view and not allow_view:
-        msg = (
-            "adata is a view of another AnnData; omicvae_sc writes results into the object it is "
-            "given and will not write into a view. Run `adata = adata.copy()` first."
-        )
-        raise ValueError(msg)
     if adata.isbacked:
         msg = (
             "adata is backed (opened with backed='r'); omicvae_sc needs the counts in memory. "

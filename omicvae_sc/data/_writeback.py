@@ -3,8 +3,9 @@ validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from anndata import AnnData
@@ -20,6 +21,18 @@ class Results:
     obs: dict[str, np.ndarray]  # suffix -> (cells,), e.g. "log_likelihood"
     uns: dict  # plain, h5ad-serializable
     denoised: np.ndarray | None = None  # (cells, genes)
+    var: dict[str, np.ndarray] = field(default_factory=dict)  # suffix -> (genes,)
+
+    def on_genes(self, mask: np.ndarray) -> Results:
+        """These results, fitted on the genes ``mask`` selects, for the AnnData of all genes:
+        the denoised expression is NaN for the genes not modelled, and ``var['<key>_genes']``
+        says which genes were."""
+        denoised = self.denoised
+        if denoised is not None:
+            denoised = np.full((len(denoised), len(mask)), np.nan, dtype=np.float32)
+            denoised[:, mask] = self.denoised
+        return dataclasses.replace(self, denoised=denoised,
+                                   var={**self.var, "genes": np.asarray(mask, dtype=bool)})
 
 
 def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
@@ -29,6 +42,7 @@ def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
         "obs": [f"{key_added}_{suffix}" for suffix in results.obs],
         "uns": [key_added],
         "layers": [f"{key_added}_denoised"] if results.denoised is not None else [],
+        "var": [f"{key_added}_{suffix}" for suffix in results.var],
     }
     return keys
 
@@ -47,6 +61,7 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
            if arr.shape[0] != n]
     if results.denoised is not None and results.denoised.shape != adata.shape:
         bad.append("denoised")
+    bad += [name for name, arr in results.var.items() if arr.shape[0] != adata.n_vars]
     if bad:
         msg = (f"Results {bad} do not match adata's {n} cells x {adata.n_vars} genes; "
                "nothing written.")
@@ -58,6 +73,8 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
         adata.obs[name] = np.asarray(results.obs[suffix])
     if results.denoised is not None:
         adata.layers[keys["layers"][0]] = np.asarray(results.denoised, dtype=np.float32)
+    for name, suffix in zip(keys["var"], results.var, strict=True):
+        adata.var[name] = np.asarray(results.var[suffix])
     adata.uns[key_added] = results.uns
     added = ", ".join(f"{attr}[{k!r}]" for attr, ks in keys.items() for k in ks)
     logger.info("omicvae_sc added %s", added)
@@ -65,12 +82,8 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
 
 
 def write_uns(adata: AnnData, key: str, value: dict) -> None:
-    """Write one plain dict into ``adata.uns[key]`` (never into a view), and log it."""
+    """Write one plain dict into ``adata.uns[key]`` and log it (a view becomes actual)."""
     check_key_added(key)
-    if adata.is_view:
-        msg = ("adata is a view of another AnnData; omicvae_sc will not write into a view. "
-               "Run `adata = adata.copy()` first.")
-        raise ValueError(msg)
     adata.uns[key] = value
     logger.info("omicvae_sc added uns[%r]", key)
 
@@ -79,15 +92,12 @@ def write_keys(
     adata: AnnData, *, obs: dict[str, np.ndarray] | None = None,
     obsm: dict[str, np.ndarray] | None = None, uns: dict[str, dict] | None = None,
 ) -> None:
-    """Validate every key and per-cell array first, then write them all (never into a view).
+    """Validate every key and per-cell array first, then write them all (a view becomes
+    actual, as anndata does it).
 
     ``obs`` and ``obsm`` map full key names to arrays with one row per cell; ``uns`` maps keys
     to plain, h5ad-serializable dicts. On bad input nothing is written.
     """
-    if adata.is_view:
-        msg = ("adata is a view of another AnnData; omicvae_sc will not write into a view. "
-               "Run `adata = adata.copy()` first.")
-        raise ValueError(msg)
     arrays = {**(obs or {}), **(obsm or {})}
     for key in [*arrays, *(uns or {})]:
         check_key_added(key)

@@ -37,24 +37,31 @@ def check_count(name: str, value: int, *, minimum: int = 1) -> None:
         raise ValueError(msg)
 
 
-def check_same_genes(expected: np.ndarray, found: pd.Index) -> None:
-    """The model's genes, in the model's order, must be the AnnData's genes."""
+def check_same_genes(expected: np.ndarray, found: pd.Index, *,
+                     subset: str = "adata = adata[:, model.var_names].copy()") -> None:
+    """The model's genes, in the model's order, must be the AnnData's genes.
+
+    ``subset`` is the line the message suggests, written with objects the user has at that
+    point (on load there is no ``model`` yet).
+    """
     found = np.asarray(found, dtype=str)
+    if len(found) == len(expected) and not (found != expected).any():
+        return
     if len(found) != len(expected):
-        msg = (
-            f"adata has {len(found)} genes but the model was trained on {len(expected)}. "
-            "Subset adata to the model's genes, e.g. `adata[:, model.var_names].copy()`."
-        )
-        raise ValueError(msg)
-    mismatch = np.flatnonzero(found != expected)
-    if mismatch.size:
+        msg = f"adata has {len(found)} genes but the model was trained on {len(expected)}. "
+    else:
+        mismatch = np.flatnonzero(found != expected)
         i = int(mismatch[0])
-        msg = (
-            f"adata's genes differ from the model's ({mismatch.size} positions; first at {i}: "
-            f"{str(found[i])!r} where the model has {str(expected[i])!r}). Reorder or subset "
-            "adata with `adata[:, model.var_names].copy()`."
-        )
-        raise ValueError(msg)
+        msg = (f"adata's genes differ from the model's ({mismatch.size} positions; first at "
+               f"{i}: {str(found[i])!r} where the model has {str(expected[i])!r}). ")
+    missing = np.setdiff1d(expected, found)
+    if missing.size:
+        msg += (f"{missing.size} of the model's genes are not in adata (e.g. "
+                f"{missing[:3].tolist()}), so subsetting cannot help: use an AnnData with every "
+                "gene the model was trained on (the full matrix, before genes were selected).")
+    else:
+        msg += f"Reorder or subset adata to the model's genes first: `{subset}`."
+    raise ValueError(msg)
 
 
 def validation_split(

@@ -101,7 +101,7 @@ def refine_latent(
     if key_added is not None:
         check_key_added(key_added)
     adata = self.adata if adata is None else adata
-    data = self._tensors(adata, writing=key_added is not None)
+    data = self._tensors(adata)
     refined = refine_cells(self.module, data, steps=steps, lr=lr, n_samples=n_samples,
                            seed=seed)
     if key_added is not None:

@@ -15,12 +15,13 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from omicvae_sc.train import temp_dir, temp_file
 
 if TYPE_CHECKING:
     from omicvae_sc.model._omicvae import OmicVAE
@@ -52,9 +53,9 @@ def _jsonable(value):
 
 def _write_json(path: Path, meta: dict) -> None:
     """Write ``path`` atomically: a temporary file beside it, flushed, then renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(json.dumps(_jsonable(meta)))
             f.flush()
             os.fsync(f.fileno())
@@ -66,8 +67,7 @@ def _write_json(path: Path, meta: dict) -> None:
 
 def _write_weights(model: OmicVAE, folder: Path) -> tuple[str, str]:
     """Save the weights into ``folder`` under a name of their own; (name, SHA-256)."""
-    fd, tmp = tempfile.mkstemp(prefix=".weights.", dir=folder)
-    os.close(fd)
+    tmp = temp_file(folder, prefix=".weights.")
     try:
         torch.save({k: v.detach().cpu() for k, v in model.module.state_dict().items()}, tmp)
         digest = _sha256(Path(tmp))
@@ -89,7 +89,7 @@ def save_model(model: OmicVAE, path: Path, *, overwrite: bool) -> None:
         raise FileExistsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = not path.exists()
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if fresh else path
+    folder = temp_dir(path.parent, prefix=f".{path.name}.") if fresh else path
     try:
         name, digest = _write_weights(model, folder)
         meta = {
@@ -109,8 +109,10 @@ def save_model(model: OmicVAE, path: Path, *, overwrite: bool) -> None:
             old.unlink()
 
 
-def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and tensors of a saved model, after checking format, version and checksum."""
+def read_model(path: Path, *, weights: bool = True
+               ) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Metadata and tensors of a saved model, after checking format, version and checksum
+    (``weights=False``: the checked metadata alone, and ``None``)."""
     if not (path / METADATA).is_file():
         msg = f"{path} is not an omicvae_sc model folder (expected {METADATA})."
         raise FileNotFoundError(msg)
@@ -127,6 +129,8 @@ def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         msg = (f"{path} holds format {found!r} version {version}; this omicvae_sc reads "
                f"{FORMAT!r} up to version {FORMAT_VERSION}.")
         raise ValueError(msg)
+    if not weights:
+        return meta, None
     name = meta.get("weights_file", WEIGHTS_V1)
     if name != WEIGHTS_V1 and not (isinstance(name, str) and WEIGHTS_NAME.fullmatch(name)):
         msg = f"{path / METADATA} names the weights file {name!r}, which is not a weights name."

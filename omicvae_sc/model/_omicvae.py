@@ -145,23 +145,20 @@ class OmicVAE:
                             allow_non_integer=allow_non_integer)
         adata.uns[SETUP_KEY] = setup.to_dict()
 
-    def _host_data(
-        self, adata: AnnData | None, *, writing: bool = False
-    ) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
-        """Validated counts and covariate codes of ``adata`` (default: the training AnnData).
-
-        A view is read (getters) but not written into (``writing``).
-        """
+    def _host_data(self, adata: AnnData | None
+                   ) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
+        """Validated counts and covariate codes of ``adata`` (default: the training AnnData);
+        a view is read as it is."""
         adata = self.adata if adata is None else adata
-        check_anndata_object(adata, allow_view=not writing)
+        check_anndata_object(adata)
         check_same_genes(self.var_names, adata.var_names)
         counts = get_counts(adata, self.setup.layer)
         check_counts(adata, counts, self.setup.counts_where,
                      allow_non_integer=self.setup.allow_non_integer)
         return counts, covariate_codes(adata, self.setup)
 
-    def _tensors(self, adata: AnnData | None, *, writing: bool = False) -> CountTensors:
-        return CountTensors(*self._host_data(adata, writing=writing), self.device)
+    def _tensors(self, adata: AnnData | None) -> CountTensors:
+        return CountTensors(*self._host_data(adata), self.device)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -316,6 +313,7 @@ class OmicVAE:
     get_anomaly_score = _results.get_anomaly_score
     get_doublet_score = _results.get_doublet_score
     write_results = _results.write_results
+    _compute_results = _results.compute_results
     _anomaly = _results._anomaly
     _doublets = _results._doublets
     # model/_introspection.py: collapse diagnostics, refinement, generation
@@ -340,6 +338,24 @@ class OmicVAE:
         """
         _io.save_model(self, Path(path), overwrite=overwrite)
 
+    @staticmethod
+    def saved_var_names(path: str | Path) -> np.ndarray:
+        """The genes of a model saved with :meth:`save`, read without loading the model.
+
+        ``adata[:, OmicVAE.saved_var_names(path)].copy()`` gives an AnnData the saved model
+        can be loaded onto.
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`.
+
+        Returns
+        -------
+        The gene names, in the model's order.
+        """
+        return np.asarray(_io.read_model(Path(path), weights=False)[0]["var_names"], dtype=str)
+
     @classmethod
     def load(cls, path: str | Path, adata: AnnData, *, device: str = "auto") -> OmicVAE:
         """Load a model saved with :meth:`save`. Tensors only: nothing is unpickled.
@@ -358,9 +374,12 @@ class OmicVAE:
         The model, with its training history.
         """
         meta, state = _io.read_model(Path(path))
+        check_anndata_object(adata)
+        check_same_genes(np.asarray(meta["var_names"], dtype=str), adata.var_names,
+                         subset=f"adata = adata[:, ov.OmicVAE.saved_var_names({str(path)!r})]"
+                         ".copy()")
         model = cls._from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
                                 **meta["hparams"])
-        check_same_genes(np.asarray(meta["var_names"], dtype=str), adata.var_names)
         model.module.load_state_dict(state)
         model.module.eval()
         model.history = History.from_dict(meta["history"])

@@ -15,7 +15,7 @@ from omicvae_sc.model._checks import (
     check_count,
     gene_columns,
 )
-from omicvae_sc.model._runtime import seeded
+from omicvae_sc.model._runtime import seeded, stage
 
 if TYPE_CHECKING:
     from omicvae_sc.model._omicvae import OmicVAE
@@ -164,34 +164,54 @@ def write_results(
     seed
         Seeds the draws.
     """
+    _data.check_key_added(key_added)
+    adata = self.adata if adata is None else adata
+    results = self._compute_results(
+        adata, layers=layers, n_samples=n_samples, anomaly=anomaly, contamination=contamination,
+        n_mads=n_mads, doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+    _data.write_results(adata, results, key_added=key_added)
+
+
+def compute_results(
+    self: OmicVAE, adata: AnnData, *, layers: bool, n_samples: int, anomaly: bool,
+    contamination: float | None, n_mads: float, doublets: bool, doublet_rate: float | None,
+    seed: int,
+) -> Results:
+    """What :meth:`write_results` writes, computed from ``adata`` (arguments as there). Each
+    stage logs its seconds (logger ``omicvae_sc``, level INFO)."""
     _scores.check_rate("contamination", contamination)
     _scores.check_rate("doublet_rate", doublet_rate)
     _scores.check_n_mads(n_mads)
     check_count("n_samples", n_samples)
-    adata = self.adata if adata is None else adata
-    data = self._tensors(adata, writing=True)  # validated, on the device once for all
-    ev = self._evaluate(data, n_samples, seed)
+    data = self._tensors(adata)  # validated, on the device once for all
+    with stage("log-likelihood, rate and distortion"):
+        ev = self._evaluate(data, n_samples, seed)
     obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
            "distortion": ev.distortion.numpy()}
     uns = {"params": {**self.hparams, "n_samples": n_samples, "device": str(self.device)},
            "setup": self.setup.to_dict(), "history": self.history.to_dict()}
     if anomaly:
-        score = self._anomaly(data, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES, seed)
+        with stage("anomaly scores"):
+            score = self._anomaly(data, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES, seed)
         flags = (_scores.flag_robust(score, n_mads) if contamination is None
                  else _scores.flag_top_fraction(score, contamination))
         obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
         uns["anomaly"] = flags.to_dict()
     if doublets:
         rate = doublet_rate or _scores.default_doublet_rate(data.n_cells)
-        score = self._doublets(data, rate, seed)
+        with stage("doublet scores"):
+            score = self._doublets(data, rate, seed)
         flags = _scores.flag_top_fraction(score, rate)
         obs |= {"doublet_score": score, "is_doublet": flags.flagged}
         uns["doublet"] = flags.to_dict()
-    uns["latent_diagnostics"] = _diagnostics.latent_diagnostics(
-        self.module, data, seed=seed).to_dict()
-    results = Results(
-        latent=self._latent(data), obs=obs, uns=uns,
-        denoised=self._expression(data, "observed", gene_columns(self.var_names, None), None)
-        if layers else None,
-    )
-    _data.write_results(adata, results, key_added=key_added)
+    with stage("latent diagnostics and latents"):
+        uns["latent_diagnostics"] = _diagnostics.latent_diagnostics(
+            self.module, data, seed=seed).to_dict()
+        latent = self._latent(data)
+    denoised = None
+    if layers:
+        with stage("denoised expression"):
+            denoised = self._expression(data, "observed", gene_columns(self.var_names, None),
+                                        None)
+    return Results(latent=latent, obs=obs, uns=uns, denoised=denoised)
+

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 
 import torch
+
+logger = logging.getLogger("omicvae_sc")
 
 CHUNK_ELEMENTS = 2**19
 """Outputs (latents, expression, log p(x)) work on chunks of at most about this many numbers
@@ -87,3 +91,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bfloat16" if fast_bfloat16(device) else "float32"
     return precision
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log how long the block took: ``omicvae_sc: <name> in <s> s`` (INFO)."""
+    start = time.perf_counter()
+    yield
+    logger.info("omicvae_sc: %s in %.1f s", name, time.perf_counter() - start)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from omicvae_sc.data import CountTensors
+from omicvae_sc.model._pca import streamed_pca
 from omicvae_sc.module import VAE
 
 CHUNK_ELEMENTS = 2**25
@@ -66,20 +67,6 @@ def _partners(batch: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     return order[starts[b] + offset.clamp_max(counts[b] - 1)]
 
 
-class _Projection:
-    """PCA of log expression fractions (centred), fitted on real cells in chunks."""
-
-    def __init__(self, log_fracs: list[torch.Tensor], n_components: int):
-        n = sum(len(f) for f in log_fracs)
-        self.mean = sum(f.sum(0) for f in log_fracs) / n  # (genes,)
-        cov = sum((f - self.mean).T @ (f - self.mean) for f in log_fracs) / max(1, n - 1)
-        _, vecs = torch.linalg.eigh(cov.double())  # ascending eigenvalues
-        self.components = vecs[:, -n_components:].flip(1).to(cov.dtype)  # (genes, comps)
-
-    def __call__(self, log_frac: torch.Tensor) -> torch.Tensor:
-        return (log_frac - self.mean) @ self.components
-
-
 def _log_reference_fractions(module: VAE, z: torch.Tensor, codes: torch.Tensor | None):
     return torch.log1p(1e4 * module.expression_fractions(z, _reference_codes(codes)))
 
@@ -111,9 +98,10 @@ def doublet_scores(
     2. ``sim_ratio * n_cells`` doublets are simulated from random pairs of cells of the same
        batch (:meth:`VAE.sample_doublets`, library = the sum of the two observed libraries)
        and pass through the same encoder and decoder as real cells.
-    3. Cells are placed in a PCA of the real cells' log expression, plus one axis for the log
-       library size (standardized over real cells, then scaled to ``library_weight`` times the
-       mean standard deviation of the principal components; 0 leaves depth out).
+    3. Cells are placed in a PCA of the real cells' log expression (randomized, a block of
+       cells at a time, so linear in cells and genes: :func:`.streamed_pca`), plus one axis for
+       the log library size (standardized over real cells, then scaled to ``library_weight``
+       times the mean standard deviation of the principal components; 0 leaves depth out).
     4. Each real cell's score is the share of simulated doublets among its ``n_neighbors``
        nearest neighbours, turned into a posterior probability with the prior
        ``expected_rate``, returned ``(n_cells,)``.
@@ -125,11 +113,13 @@ def doublet_scores(
         z.append(module.inference(x, c)[0])
         lib.append(x.sum(-1, keepdim=True))
     z, lib = torch.cat(z), torch.cat(lib)
-    real_log = [_log_reference_fractions(module, z[lo:lo + step], _rows(codes, lo, step))
-                for lo in range(0, len(z), step)]
-    project = _Projection(real_log, min(n_components, data.n_genes, data.n_cells))
-    real = torch.cat([project(f) for f in real_log])
-    del real_log
+
+    def real_log():  # decoded again on each pass of the PCA: never cells x genes at once
+        for lo in range(0, len(z), step):
+            yield _log_reference_fractions(module, z[lo:lo + step], _rows(codes, lo, step))
+
+    project = streamed_pca(real_log, min(n_components, data.n_genes, data.n_cells))
+    real = project.scores
 
     n_sim = max(1, round(sim_ratio * data.n_cells))
     first = torch.randint(data.n_cells, (n_sim,), device=z.device)

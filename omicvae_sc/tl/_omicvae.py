@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 from anndata import AnnData
 
+from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
+from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
 from omicvae_sc.model import OmicVAE
+from omicvae_sc.model._runtime import stage
 from omicvae_sc.model._scores import check_rate
 
 
@@ -15,15 +19,18 @@ def omicvae(
     likelihood: str = "zinb", max_epochs: int | None = None, seed: int = 0,
     device: str = "auto", key_added: str = "omicvae", layers: bool = False,
     anomaly: bool = True, contamination: float | None = None, doublets: bool = True,
-    doublet_rate: float | None = None, progress_bar: bool = True, model_kwargs: dict | None = None,
-    train_kwargs: dict | None = None, allow_non_integer: bool = False, copy: bool = False,
+    doublet_rate: float | None = None, n_top_genes: int | None = None, progress_bar: bool = True,
+    model_kwargs: dict | None = None, train_kwargs: dict | None = None,
+    allow_non_integer: bool = False, copy: bool = False,
 ) -> AnnData | None:
     """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
 
     Parameters
     ----------
     adata
-        Cells x genes with raw integer counts in ``adata.X`` or ``adata.layers[layer]``.
+        Cells x genes with raw integer counts in ``adata.X`` or ``adata.layers[layer]``. A view
+        (``adata[:, adata.var.highly_variable]``) is accepted: writing the results makes it
+        an actual AnnData, as anndata does it, and leaves its parent unchanged.
     layer
         Layer with the raw counts (``None``: ``adata.X``).
     batch_key
@@ -54,6 +61,13 @@ def omicvae(
     doublet_rate
         Share of cells flagged as doublets (highest scores first); ``None``: 0.8% per 1,000
         cells, at most 25%.
+    n_top_genes
+        Model only this many genes: the most variable ones of the raw counts, by scanpy's
+        ``highly_variable_genes(flavor="seurat_v3")`` (per batch and combined when
+        ``batch_key`` is given). Results are still written into the AnnData of all genes; the
+        denoised layer then holds NaN for the genes not modelled, and
+        ``var['<key_added>_genes']`` marks the genes that were. ``None`` (default): every gene.
+        A raw matrix of 30k genes fits several times faster with 2,000.
     progress_bar
         Show the training progress bar.
     model_kwargs, train_kwargs
@@ -86,7 +100,10 @@ def omicvae(
     ``adata.obs['omicvae_is_doublet']``
         Boolean flag: the ``doublet_rate`` share of cells with the highest doublet scores.
     ``adata.layers['omicvae_denoised']``
-        Only with ``layers=True``.
+        Only with ``layers=True``: expected counts at each cell's depth (NaN for genes not
+        modelled, with ``n_top_genes``).
+    ``adata.var['omicvae_genes']``
+        Only with ``n_top_genes``: True for the genes the model was fitted on.
     ``adata.uns['omicvae']``
         ``params``, ``setup``, ``history`` (per-epoch ELBO, rate, distortion, KL weight, time),
         ``latent_diagnostics`` (per-dimension KL, active units, I(x; z); see
@@ -96,6 +113,7 @@ def omicvae(
     check_key_added(key_added)
     check_rate("contamination", contamination)
     check_rate("doublet_rate", doublet_rate)
+    check_n_top_genes(n_top_genes)
     given = {"model_kwargs": (model_kwargs, {"n_latent", "likelihood", "seed", "device"}),
              "train_kwargs": (train_kwargs, {"max_epochs", "seed", "progress_bar"})}
     for name, (kwargs, own) in given.items():
@@ -104,14 +122,45 @@ def omicvae(
             msg = (f"{name} repeats {clash}, which tl.omicvae takes directly; pass them as "
                    "arguments instead.")
             raise ValueError(msg)
-    setup = build_setup(adata, layer=layer, batch_key=batch_key,
+    model, genes = prepare(adata, layer=layer, batch_key=batch_key,
+                           categorical_covariate_keys=categorical_covariate_keys,
+                           n_top_genes=n_top_genes, allow_non_integer=allow_non_integer,
+                           device=device, n_latent=n_latent, likelihood=likelihood, seed=seed,
+                           **(model_kwargs or {}))
+    with stage("training"):
+        model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
+    target = adata.copy() if copy else adata
+    write_back(model, target, genes, key_added=key_added, layers=layers, anomaly=anomaly,
+               contamination=contamination, doublets=doublets, doublet_rate=doublet_rate,
+               seed=seed)
+    return target if copy else None
+
+
+def prepare(adata: AnnData, *, layer: str | None, batch_key: str | None,
+            categorical_covariate_keys: list[str] | None, n_top_genes: int | None,
+            allow_non_integer: bool, device: str, **hparams) -> tuple[OmicVAE, np.ndarray | None]:
+    """Validate ``adata``, choose the genes (a mask, or ``None`` for all) and build an
+    untrained model on them; nothing is written to ``adata``."""
+    genes = genes_to_model(adata, layer=layer, batch_key=batch_key, n_top_genes=n_top_genes,
+                           allow_non_integer=allow_non_integer)
+    fitted = adata if genes is None else adata[:, genes]  # a view: read, never written
+    setup = build_setup(fitted, layer=layer, batch_key=batch_key,
                         categorical_covariate_keys=categorical_covariate_keys,
                         allow_non_integer=allow_non_integer)
-    model = OmicVAE._from_setup(adata, setup, device=device, n_latent=n_latent,
-                                likelihood=likelihood, seed=seed, **(model_kwargs or {}))
-    model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
-    target = adata.copy() if copy else adata
-    model.write_results(target, key_added=key_added, layers=layers, anomaly=anomaly,
-                        contamination=contamination, doublets=doublets,
-                        doublet_rate=doublet_rate, seed=seed)
-    return target if copy else None
+    return OmicVAE._from_setup(fitted, setup, device=device, **hparams), genes
+
+
+def write_back(model: OmicVAE, adata: AnnData, genes: np.ndarray | None, *, key_added: str,
+               layers: bool, anomaly: bool, contamination: float | None, doublets: bool,
+               doublet_rate: float | None, seed: int) -> None:
+    """Compute the trained model's results on ``adata``'s cells (on the model's genes) and
+    write them into ``adata``, which may hold more genes than the model (``genes``)."""
+    fitted = adata if genes is None else adata[:, genes]
+    results = model._compute_results(
+        fitted, layers=layers, n_samples=25, anomaly=anomaly, contamination=contamination,
+        n_mads=3.0, doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+    if genes is not None:
+        results = results.on_genes(genes)
+        results.uns["params"]["n_top_genes"] = int(genes.sum())
+    with stage("write-back"):
+        _data.write_results(adata, results, key_added=key_added)

@@ -152,7 +152,7 @@ def latent_stability(
         on error.
     """
     check_key_added(key_added)
-    check_anndata_object(adata, allow_view=copy)
+    check_anndata_object(adata)
     seeds = check_stability_args(adata, seeds, n_neighbors)
     given = {"model_kwargs": (model_kwargs, {"seed", "device"}),
              "train_kwargs": (train_kwargs, {"max_epochs", "seed", "progress_bar"})}

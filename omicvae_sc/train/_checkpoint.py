@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from omicvae_sc.train._files import temp_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "omicvae_sc.checkpoint"
@@ -51,8 +52,7 @@ def write_checkpoint(directory: Path, state: dict) -> None:
     """Write ``state`` to ``directory/checkpoint.pt``; the previous file stays whole until the
     new one is complete."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", dir=directory)
-    os.close(fd)
+    tmp = temp_file(directory, prefix=f".{CHECKPOINT_FILE}.")
     try:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, tmp)
         os.replace(tmp, directory / CHECKPOINT_FILE)

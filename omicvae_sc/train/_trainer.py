@@ -274,10 +274,25 @@ def fit(
         interrupted = True  # keep what was learned; the caller says so
     finally:
         bar.close()
+    if config.progress_bar and not interrupted:  # a frozen "163/400" looks like a crash
+        tqdm.write(_ending(progress, config, stopped_early))
     if progress.best_state is not None:
         module.load_state_dict(progress.best_state)
     module.eval()
     return progress.history(first_epoch, stopped_early=stopped_early, interrupted=interrupted)
+
+
+def _ending(progress: _Progress, config: TrainConfig, stopped_early: bool) -> str:
+    """One line on why training ended and which weights the model keeps (epochs from 1)."""
+    if stopped_early:
+        head = (f"training: early stopping after {progress.epoch} of {config.max_epochs} "
+                f"epochs (validation ELBO not better for {config.patience} epochs)")
+    else:
+        head = f"training: all {config.max_epochs} epochs done"
+    if progress.best_state is None:
+        return head
+    return (f"{head}; kept the weights of epoch {progress.best_epoch + 1}, the best validation "
+            f"ELBO ({progress.best_elbo:.1f} nats/cell)")
 
 
 def _run_epoch(module, train_data, validation_data, config, optimizer, guard, generator,
