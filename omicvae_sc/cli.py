@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import omicvae_sc as ov
-from omicvae_sc.train import temp_file
+from omicvae_sc.train import History, temp_file
 
 PROG = "omicvae-sc"
 EXIT_USAGE = 2
@@ -92,14 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(adata, seconds: float) -> str:
-    history = adata.uns["omicvae"]["history"]
-    elbo = float(history["train_elbo"][-1])
-    val = float(history["validation_elbo"][-1])
+    history = History.from_dict(adata.uns["omicvae"]["history"])
+    kept = history.epoch.index(history.best_epoch)  # the weights the model keeps
+    val = history.validation_elbo[kept]
     val_text = "" if val != val else f", validation {val:.1f}"  # NaN: no validation split
+    ending = "stopped early, " if history.stopped_early else ""
     flags = "".join(f", {adata.uns['omicvae'][kind]['n_flagged']} flagged as {kind}"
                     for kind in ("anomaly", "doublet") if kind in adata.uns["omicvae"])
-    return (f"{adata.n_obs} cells x {adata.n_vars} genes, {len(history['epoch'])} epochs, "
-            f"final ELBO {elbo:.1f} nats/cell (train{val_text}){flags}, {seconds:.0f} s")
+    elbo = history.train_elbo[kept]
+    return (f"{adata.n_obs} cells x {adata.n_vars} genes, {len(history)} epochs ({ending}"
+            f"weights of epoch {history.best_epoch + 1} kept: ELBO {elbo:.1f} nats/cell, "
+            f"train{val_text}){flags}, {seconds:.0f} s")
 
 
 # ---------------------------------------------------------------------- demo

@@ -4,6 +4,8 @@ exits 2 with a one-line message, demo writes its h5ad and figures."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +142,39 @@ def test_module_entry_point_prints_the_version():
                             capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"omicvae-sc {ov.__version__}"
+
+
+def test_errors_name_the_command_line_flags(counts_h5ad, tmp_path, capsys):
+    adata = ad.read_h5ad(counts_h5ad)
+    adata.X = adata.X * 0.5  # normalized-looking values in X
+    path = tmp_path / "half.h5ad"
+    adata.write_h5ad(path)
+    assert main(["fit", str(path), "-o", str(tmp_path / "out.h5ad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "X holds non-integer values" in err and "Pass --layer naming the raw-count" in err
+    assert "layer=" not in err and "adata.X" not in err
+    assert main(["fit", str(path), "-o", str(tmp_path / "out.h5ad"), "--layer", "counts",
+                 "--batch-key", "sample"]) == 2
+    assert "adata.obs has no column 'sample' (passed as --batch-key)" in capsys.readouterr().err
+    assert main(["fit", str(path), "-o", str(tmp_path / "out.h5ad"), "--layer", "counts",
+                 "--n-top-genes", "1"]) == 2
+    assert "error: --n-top-genes must be an integer of at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_fit_logs_to_stdout_and_its_files_follow_the_umask(counts_h5ad, tmp_path):
+    """A fresh process, as a user runs it: the 'added' line on stdout, as the help says; the
+    h5ad and the model folder get the modes the umask gives (mkstemp alone gives 0600)."""
+    out, model_dir = tmp_path / "fitted.h5ad", tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, "-m", "omicvae_sc.cli", "fit", str(counts_h5ad), "-o", str(out),
+         "--layer", "counts", "--epochs", "2", "--n-top-genes", "20", "--save-model",
+         str(model_dir), "--no-progress"],
+        capture_output=True, text=True, check=True, preexec_fn=lambda: os.umask(0o027))
+    assert "omicvae_sc added obsm['X_omicvae']" in result.stdout
+    assert "var['omicvae_genes']" in result.stdout
+    assert "added" not in result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert stat.S_IMODE(model_dir.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in model_dir.iterdir()} == {0o640}
+    assert ad.read_h5ad(out).var["omicvae_genes"].sum() == 20

@@ -135,14 +135,25 @@ def test_a_last_minibatch_of_one_cell_does_not_crash():
     assert np.all(np.isfinite(h.train_elbo))
 
 
-def test_early_stopping_keeps_the_best_weights():
+def test_early_stopping_keeps_the_best_weights_and_the_bar_says_so(capsys):
     adata = synthetic()
     OmicVAE.setup_anndata(adata, layer="counts")
     model = OmicVAE(adata)
-    h = model.train(300, early_stopping=True, patience=3, warmup_fraction=0.01, lr=1e-2,
-                    progress_bar=False)
+    h = model.train(300, early_stopping=True, patience=3, warmup_fraction=0.01, lr=1e-2)
     assert h.stopped_early and len(h) < 300
     assert h.best_epoch == int(np.argmax(h.validation_elbo))
+    # the bar stops short of 300: its last line says why, in the bar's own epoch count
+    best = h.validation_elbo[h.best_epoch]
+    assert (f"training: early stopping after {len(h)} of 300 epochs (validation ELBO not "
+            f"better for 3 epochs); kept the weights of epoch {h.best_epoch + 1}, the best "
+            f"validation ELBO ({best:.1f} nats/cell)") in capsys.readouterr().err
+
+
+def test_a_full_run_ends_with_a_line_saying_so(capsys):
+    adata = synthetic()
+    OmicVAE.setup_anndata(adata, layer="counts")
+    OmicVAE(adata).train(2, validation_fraction=0)
+    assert capsys.readouterr().err.rstrip().endswith("training: all 2 epochs done")
 
 
 def test_sparse_dense_int_and_float_inputs_agree():

@@ -11,6 +11,7 @@ Ctrl-C ends training cleanly with what was learned so far; checkpoints let a run
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -275,7 +276,7 @@ def fit(
     finally:
         bar.close()
     if config.progress_bar and not interrupted:  # a frozen "163/400" looks like a crash
-        tqdm.write(_ending(progress, config, stopped_early))
+        tqdm.write(_ending(progress, config, stopped_early), file=sys.stderr)  # with the bar
     if progress.best_state is not None:
         module.load_state_dict(progress.best_state)
     module.eval()
