@@ -43,7 +43,7 @@ class GenesSquaredGuard(TorchDispatchMode):
 
 @functools.cache
 def _wide() -> AnnData:
-    return ov.datasets.synthetic_counts(n_cells=100, n_genes=20_000, n_groups=3, n_batches=1,
+    return ov.datasets.synthetic_counts(n_cells=60, n_genes=20_000, n_groups=3, n_batches=1,
                                         seed=0)
 
 

@@ -56,6 +56,28 @@ def test_values_and_gradients_match_the_distributions(zinb, theta_rows, sparse, 
 
 
 @pytest.mark.parametrize("zinb", [False, True])
+@pytest.mark.parametrize("theta_rows", [1, 3 * 29])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_repeats_score_blocks_of_rows_against_x_as_the_repeated_x(zinb, theta_rows, sparse):
+    """K importance samples of each cell, block after block, against one x: the values and
+    gradients of scoring against K stacked copies of x."""
+    x, _, _, _, _ = _inputs(zinb=zinb)
+    _, logits, library, theta, zi = _inputs(n_cells=3 * 29, theta_rows=theta_rows, zinb=zinb,
+                                            seed=1)
+    params = [logits, theta] + ([zi] if zinb else [])
+    got = count_log_likelihood(x, logits, library, theta, zi, sparse=sparse,
+                               chunk_elements=41 * 5, repeats=3)
+    expected = count_log_likelihood(x.repeat(3, 1), logits, library, theta, zi, sparse=sparse,
+                                    chunk_elements=41 * 5)
+    torch.testing.assert_close(got, _reference(x.repeat(3, 1), logits, library, theta, zi),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), params),
+                    torch.autograd.grad(expected.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("zinb", [False, True])
 def test_gradcheck(zinb):
     x, logits, library, theta, zi = _inputs(n_cells=7, n_genes=9, zinb=zinb)
     inputs = (logits, theta) + ((zi,) if zinb else ())

@@ -55,9 +55,13 @@ def count_log_likelihood(
     x: torch.Tensor, logits: torch.Tensor, library: torch.Tensor, theta: torch.Tensor,
     zi_logits: torch.Tensor | None = None, *, sparse: bool | None = None,
     chunk_elements: int | None = None,
-    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None, repeats: int = 1,
 ) -> torch.Tensor:
     """``log p(x | z)`` summed over genes, ``(batch,)``, for NB (or ZINB with ``zi_logits``).
+
+    With ``repeats`` = K, ``logits``, ``library``, ``zi_logits`` (and a per-cell ``theta``)
+    hold K blocks of ``x``'s rows (K importance samples of each cell, block after block), each
+    block scored against ``x``: ``(K * batch,)``, as if ``x`` were repeated, without the copy.
 
     Parameters
     ----------
@@ -89,8 +93,11 @@ def count_log_likelihood(
     rows = max(1, chunk_elements // max(1, x.shape[-1]))
     # inside forward() autograd is off and needs_input_grad ignores it: pass it along
     grads = torch.is_grad_enabled()
+    if repeats > 1 and not sparse:
+        x = x.repeat(repeats, 1)  # the dense path reads every entry
+        repeats = 1
     return _CountLogLikelihood.apply(x, logits, library, theta, zi_logits, sparse, rows, grads,
-                                     nonzero)
+                                     (nonzero, repeats))
 
 
 class _Counts:
@@ -98,7 +105,7 @@ class _Counts:
     mask (dense, where finding them would synchronize with the device)."""
 
     def __init__(self, x: torch.Tensor, theta_shared: bool, sparse: bool,
-                 nonzero: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 nonzero: tuple[torch.Tensor, torch.Tensor] | None = None, repeats: int = 1):
         self.sparse = sparse
         if sparse:
             if nonzero is None:
@@ -107,13 +114,18 @@ class _Counts:
             if row.numel() > 1 and not bool((row[1:] >= row[:-1]).all()):
                 order = torch.argsort(row, stable=True)  # grouped by cell, for row_sums
                 row, genes = row[order], genes[order]
+            values = x.reshape(-1).index_select(0, row * x.shape[1] + genes)
+            if repeats > 1:  # block k holds the rows k * batch + row, scored against x
+                offsets = torch.arange(repeats, device=row.device) * x.shape[0]
+                row = (row + offsets[:, None]).reshape(-1)
+                genes, values = genes.repeat(repeats), values.repeat(repeats)
             self.row = row
             # entries per cell: the rows are grouped, so per-cell sums are segment sums
-            bounds = torch.arange(x.shape[0] + 1, device=row.device)
+            bounds = torch.arange(repeats * x.shape[0] + 1, device=row.device)
             self.lengths = torch.diff(torch.searchsorted(row, bounds))
             self.flat = row * x.shape[1] + genes  # row-major positions
             self.theta_pos = genes if theta_shared else self.flat
-            self.x = x.reshape(-1).index_select(0, self.flat)
+            self.x = values
         else:
             self.mask, self.x = x > 0, x
 
@@ -180,7 +192,7 @@ def _scaled(f: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 class _CountLogLikelihood(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, logits, library, theta, zi, sparse, rows, grads, nonzero):
+    def forward(ctx, x, logits, library, theta, zi, sparse, rows, grads, counts_at):
         _, need_logits, _, need_theta, need_zi = (grads and n for n in ctx.needs_input_grad[:5])
         need_zi = need_zi and zi is not None
         # low-precision logits (the bfloat16 heads' own outputs) are read a chunk at a time in
@@ -189,7 +201,7 @@ class _CountLogLikelihood(torch.autograd.Function):
         ctx.dtypes = logits.dtype, None if zi is None else zi.dtype
         log_theta, theta_log_theta, lgamma_theta = _theta_logs(theta)
         lse = _log_softmax_normalizer(logits, rows, dtype)  # (batch, 1)
-        nz = _Counts(x, theta.shape[0] == 1, sparse, nonzero)
+        nz = _Counts(x, theta.shape[0] == 1, sparse, *counts_at)  # (nonzero, repeats)
         grads = need_logits or need_theta or need_zi
         # -d lnb0 / dθ = lt + θ / total - theta_term
         theta_term = log_theta + theta / (theta + EPS) if grads else None
@@ -206,9 +218,10 @@ class _CountLogLikelihood(torch.autograd.Function):
         # together with NB(0) (checked chunk by chunk); only on the CPU, where the check costs
         # no wait for a device and the softplus it saves are the sweep's costliest functions
         on_cpu = x.device.type == "cpu"
-        out = torch.empty(x.shape[0], dtype=dtype, device=logits.device)
-        for lo in range(0, x.shape[0], rows):
-            sl = slice(lo, min(lo + rows, x.shape[0]))
+        n_rows = logits.shape[0]  # x's rows, or repeats of them
+        out = torch.empty(n_rows, dtype=dtype, device=logits.device)
+        for lo in range(0, n_rows, rows):
+            sl = slice(lo, min(lo + rows, n_rows))
             zc = None if zi is None else zi[sl].to(dtype, copy=True)
             # on the chunk's copy, in cache: no separate pass over all of zi (0.993x the step)
             direct = zc is None or (on_cpu and bool(zc.amin() > DIRECT_MIN_ZI))
