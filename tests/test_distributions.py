@@ -130,6 +130,22 @@ def test_samples_are_counts_with_extended_shape(dist):
     assert (draws == draws.round()).all()
 
 
+@pytest.mark.parametrize(("mu", "theta"), [(0.01, 0.5), (0.3, 2.0), (1.0, 1.0), (2.0, 0.3),
+                                           (50.0, 3.0), (500.0, 200.0)])
+def test_nb_draws_follow_the_nb_pmf(mu, theta):
+    """The CPU sampler (a Poisson-stopped sum of log-series variates) against scipy's pmf: the
+    frequency of each count 0 to 5 and of the count at the mean, within 5 standard errors of
+    400k draws, for mu far below, near and far above θ."""
+    nb = NegativeBinomial(_t([mu]), _t([theta]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        draws = nb.sample((400_000,))[:, 0].numpy()
+    for k in [0, 1, 2, 3, 4, 5, int(mu)]:
+        expected = stats.nbinom.pmf(k, theta, theta / (theta + mu))
+        se = np.sqrt(expected * (1 - expected) / len(draws))
+        assert abs((draws == k).mean() - expected) <= 5 * se + 1e-6, (k, expected)
+
+
 def test_nb_sample_with_tiny_theta_stays_finite():
     nb = NegativeBinomial(_t([1e4]), _t([1e-3]))
     with torch.random.fork_rng(devices=[]):

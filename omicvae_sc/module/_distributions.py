@@ -24,9 +24,36 @@ _NO_SAMPLE_SHAPE = torch.Size()  # immutable default for sample(), one draw per 
 
 
 def _nb_sample(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
-    """Draw NB counts, ``sample_shape + mu.shape``, as a Gamma-Poisson mixture."""
-    rate = Gamma(theta, theta / mu).sample(sample_shape)  # (*sample_shape, batch, genes)
-    return torch.poisson(rate.clamp(max=_MAX_POISSON_RATE))
+    """Draw NB counts, ``sample_shape + mu.shape``.
+
+    On the CPU as a Poisson-stopped sum of log-series variates (an exact representation of the
+    NB): N ~ Poisson(θ log(1 + mu / θ)) per entry, and the count is the sum of N draws of the
+    log-series law P(L = k) = p^k / (k (-log(1 - p))), p = mu / (mu + θ). Most entries of a
+    wide matrix draw N = 0 and need nothing more; the rest take O(1) work per term (Kemp
+    1981: given q = 1 - (1 - p)^U, L is geometric, L = 1 + floor(log V / log q)). About twice
+    as fast as a Gamma draw per entry. Elsewhere, the Gamma-Poisson mixture, which reads
+    nothing back from the device.
+    """
+    if mu.device.type != "cpu":
+        rate = Gamma(theta, theta / mu).sample(sample_shape)  # (*sample_shape, batch, genes)
+        return torch.poisson(rate.clamp(max=_MAX_POISSON_RATE))
+    shape = torch.Size(sample_shape) + torch.broadcast_shapes(mu.shape, theta.shape)
+    mu, theta = mu.expand(shape), theta.expand(shape)
+    terms = torch.poisson(theta * torch.log1p(mu / theta)).reshape(-1)  # N per entry
+    out = torch.zeros(shape, dtype=mu.dtype, device=mu.device)
+    hit = torch.nonzero(terms).squeeze(1)  # the entries with a non-zero count
+    if not hit.numel():
+        return out
+    owner = torch.repeat_interleave(terms[hit].long())  # (all terms,) -> its entry among hit
+    m = mu.reshape(-1)[hit].double()[owner]
+    t = theta.reshape(-1)[hit].double()[owner]
+    u, v = torch.rand((2, len(owner)), dtype=torch.float64, device=mu.device)
+    log_q = torch.log1p(-torch.exp(torch.log(t / (t + m)) * u))  # q = 1 - (1 - p)^u
+    series = 1.0 + torch.floor(torch.log(v) / log_q.clamp(max=-1e-300))
+    sums = torch.zeros(len(hit), dtype=torch.float64, device=mu.device)
+    sums.index_add_(0, owner, series.clamp(max=_MAX_POISSON_RATE))
+    out.view(-1)[hit] = sums.clamp(max=_MAX_POISSON_RATE).to(mu.dtype)
+    return out
 
 
 class NegativeBinomial(Distribution):
