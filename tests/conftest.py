@@ -1,8 +1,6 @@
 """Shared fixtures: copies of cached data sets, an AnnData fingerprint, the real-data folder.
 
-Nothing global is set here (no seeding, no logging configuration, no torch flags) but one
-setting of the test processes themselves: under pytest-xdist each worker runs torch on one
-thread (see ``pytest_configure``).
+Nothing global is set here: no seeding, no logging configuration, no torch flags.
 """
 
 from __future__ import annotations
@@ -22,17 +20,6 @@ from anndata import AnnData
 import omicvae_sc as ov
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def pytest_configure(config):
-    """Under ``pytest -n 2`` each xdist worker gets one torch thread: the workers are already
-    one per core, and two workers with a pool of two threads each fought over the two cores
-    (the README's examples took 43 s alone and 218 to 705 s in the suite). Single-process runs
-    keep torch's default."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
-
-        torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------- cached data

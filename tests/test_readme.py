@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,6 +34,10 @@ def test_readme_python_blocks_run_as_pasted(tmp_path, monkeypatch):
     blocks = python_blocks(text)
     assert len(blocks) >= 4
     namespace: dict = {"__name__": "__main__"}
+    # one torch thread: the examples' small minibatches are what suffers most when two test
+    # workers' thread pools share the two cores (43 s alone, 218 to 705 s in the suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for i, source in enumerate(blocks):
             try:
@@ -43,6 +48,7 @@ def test_readme_python_blocks_run_as_pasted(tmp_path, monkeypatch):
             if i == 0:  # the quickstart: the demo's fit (every default, seed 0)
                 _check_demo_figures(text, namespace["adata"].uns["omicvae"]["history"])
     finally:
+        torch.set_num_threads(threads)
         plt.close("all")
     assert (tmp_path / "my_model" / "metadata.json").is_file()
     assert namespace["cf"].shape == (600, 200)
