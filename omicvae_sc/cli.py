@@ -179,6 +179,7 @@ def _write_atomic(adata, output: Path) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from omicvae_sc.model._runtime import stage
     from omicvae_sc.model._scores import check_rate
     from omicvae_sc.tl._omicvae import prepare, write_back
 
@@ -196,7 +197,8 @@ def run_fit(args: argparse.Namespace) -> int:
                                likelihood=args.likelihood, seed=args.seed)
     except (ValueError, KeyError, TypeError) as err:
         raise CliError(as_cli_message(_message(err))) from err
-    model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
+    with stage("training"):  # as tl.omicvae logs it
+        model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
     write_back(model, adata, genes, key_added="omicvae", layers=args.denoised,
                anomaly=not args.no_anomaly, contamination=args.contamination,
                doublets=not args.no_doublets, doublet_rate=args.doublet_rate, seed=args.seed)

@@ -20,6 +20,12 @@ from omicvae_sc.model._runtime import seeded, stage
 if TYPE_CHECKING:
     from omicvae_sc.model._omicvae import OmicVAE
 
+LOG_LIKELIHOOD_SAMPLES = 25
+"""Importance samples per cell for the written log-likelihood, rate and distortion."""
+
+N_MADS = 3.0
+"""Width of the default robust anomaly cutoff, in robust standard deviations."""
+
 
 def get_anomaly_score(
     self: OmicVAE, adata: AnnData | None = None, *, n_draws: int = _scores.ANOMALY_DRAWS,
@@ -125,10 +131,9 @@ def _doublets(self: OmicVAE, data: CountTensors, expected_rate: float | None, se
 
 def write_results(
     self: OmicVAE, adata: AnnData | None = None, *, key_added: str = "omicvae",
-    layers: bool = False,
-    n_samples: int = 25, anomaly: bool = True, contamination: float | None = None,
-    n_mads: float = 3.0, doublets: bool = True, doublet_rate: float | None = None,
-    seed: int = 0,
+    layers: bool = False, n_samples: int = LOG_LIKELIHOOD_SAMPLES, anomaly: bool = True,
+    contamination: float | None = None, n_mads: float = N_MADS, doublets: bool = True,
+    doublet_rate: float | None = None, seed: int = 0,
 ) -> None:
     """Write latents, per-cell scores, flags and parameters into ``adata`` (README table).
 

@@ -114,16 +114,18 @@ class _Counts:
             if row.numel() > 1 and not bool((row[1:] >= row[:-1]).all()):
                 order = torch.argsort(row, stable=True)  # grouped by cell, for row_sums
                 row, genes = row[order], genes[order]
-            values = x.reshape(-1).index_select(0, row * x.shape[1] + genes)
+            flat = row * x.shape[1] + genes  # row-major positions
+            values = x.reshape(-1).index_select(0, flat)
             if repeats > 1:  # block k holds the rows k * batch + row, scored against x
                 offsets = torch.arange(repeats, device=row.device) * x.shape[0]
                 row = (row + offsets[:, None]).reshape(-1)
                 genes, values = genes.repeat(repeats), values.repeat(repeats)
+                flat = row * x.shape[1] + genes
             self.row = row
             # entries per cell: the rows are grouped, so per-cell sums are segment sums
             bounds = torch.arange(repeats * x.shape[0] + 1, device=row.device)
             self.lengths = torch.diff(torch.searchsorted(row, bounds))
-            self.flat = row * x.shape[1] + genes  # row-major positions
+            self.flat = flat
             self.theta_pos = genes if theta_shared else self.flat
             self.x = values
         else:

@@ -9,6 +9,7 @@ from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
 from omicvae_sc.model import OmicVAE
+from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS
 from omicvae_sc.model._runtime import stage
 from omicvae_sc.model._scores import check_rate
 
@@ -157,8 +158,9 @@ def write_back(model: OmicVAE, adata: AnnData, genes: np.ndarray | None, *, key_
     write them into ``adata``, which may hold more genes than the model (``genes``)."""
     fitted = adata if genes is None else adata[:, genes]
     results = model._compute_results(
-        fitted, layers=layers, n_samples=25, anomaly=anomaly, contamination=contamination,
-        n_mads=3.0, doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+        fitted, layers=layers, n_samples=LOG_LIKELIHOOD_SAMPLES, anomaly=anomaly,
+        contamination=contamination, n_mads=N_MADS, doublets=doublets,
+        doublet_rate=doublet_rate, seed=seed)
     if genes is not None:
         results = results.on_genes(genes)
         results.uns["params"]["n_top_genes"] = int(genes.sum())
