@@ -6,6 +6,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from omicvae_sc import datasets, pl, tl
+from omicvae_sc.data import ResultsRecord
 from omicvae_sc.model import OmicVAE
 
 try:
@@ -13,4 +14,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["OmicVAE", "__version__", "datasets", "pl", "tl"]
+__all__ = ["OmicVAE", "ResultsRecord", "__version__", "datasets", "pl", "tl"]

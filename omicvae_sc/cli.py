@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import omicvae_sc as ov
+from omicvae_sc.data import ResultsRecord
 from omicvae_sc.train import History, temp_file
 
 PROG = "omicvae-sc"
@@ -92,13 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(adata, seconds: float) -> str:
-    history = History.from_dict(adata.uns["omicvae"]["history"])
+    record = ResultsRecord.read(adata, "omicvae")
+    history = History.from_dict(record.history)
     kept = history.epoch.index(history.best_epoch)  # the weights the model keeps
     val = history.validation_elbo[kept]
     val_text = "" if val != val else f", validation {val:.1f}"  # NaN: no validation split
     ending = "stopped early, " if history.stopped_early else ""
-    flags = "".join(f", {adata.uns['omicvae'][kind]['n_flagged']} flagged as {kind}"
-                    for kind in ("anomaly", "doublet") if kind in adata.uns["omicvae"])
+    flags = "".join(f", {record.flag_rule(kind)['n_flagged']} flagged as {kind}"
+                    for kind in ("anomaly", "doublet") if record.flag_rule(kind) is not None)
     elbo = history.train_elbo[kept]
     return (f"{adata.n_obs} cells x {adata.n_vars} genes, {len(history)} epochs ({ending}"
             f"weights of epoch {history.best_epoch + 1} kept: ELBO {elbo:.1f} nats/cell, "
@@ -179,41 +181,31 @@ def _write_atomic(adata, output: Path) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from omicvae_sc.model._runtime import stage
-    from omicvae_sc.model._scores import check_rate
-    from omicvae_sc.tl._omicvae import prepare, write_back
-
     start = time.perf_counter()
     adata = _read_input(args.input, args.output)
-    if args.save_model is not None and args.save_model.exists():
-        msg = f"--save-model folder {str(args.save_model)!r} already exists; choose a new one"
-        raise CliError(msg)
-    try:  # validate before training, so a real failure in training keeps its traceback
-        check_rate("--contamination", args.contamination)
-        check_rate("--doublet-rate", args.doublet_rate)
-        model, genes = prepare(adata, layer=args.layer, batch_key=args.batch_key,
-                               categorical_covariate_keys=None, n_top_genes=args.n_top_genes,
-                               allow_non_integer=False, device="auto", n_latent=args.n_latent,
-                               likelihood=args.likelihood, seed=args.seed)
-    except (ValueError, KeyError, TypeError) as err:
+    try:  # bad input is reported in one line; tl.omicvae checks all of it before training
+        ov.tl.omicvae(
+            adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
+            likelihood=args.likelihood, max_epochs=args.epochs, seed=args.seed,
+            layers=args.denoised, anomaly=not args.no_anomaly, contamination=args.contamination,
+            doublets=not args.no_doublets, doublet_rate=args.doublet_rate,
+            n_top_genes=args.n_top_genes, progress_bar=not args.no_progress,
+            save_model=args.save_model)
+    except (ValueError, KeyError, TypeError, FileExistsError) as err:
         raise CliError(as_cli_message(_message(err))) from err
-    with stage("training"):  # as tl.omicvae logs it
-        model.train(args.epochs, seed=args.seed, progress_bar=not args.no_progress)
-    write_back(model, adata, genes, key_added="omicvae", layers=args.denoised,
-               anomaly=not args.no_anomaly, contamination=args.contamination,
-               doublets=not args.no_doublets, doublet_rate=args.doublet_rate, seed=args.seed)
     seconds = time.perf_counter() - start
     _write_atomic(adata, args.output)
     print(f"wrote {args.output}")
     if args.save_model is not None:
-        model.save(args.save_model)
         print(f"wrote {args.save_model}")
     print(f"fit: {_summary(adata, seconds)}")
     return 0
 
 
 CLI_FLAGS = {"layer": "--layer", "batch_key": "--batch-key", "n_top_genes": "--n-top-genes",
-             "n_latent": "--n-latent", "likelihood": "--likelihood"}
+             "n_latent": "--n-latent", "likelihood": "--likelihood",
+             "contamination": "--contamination", "doublet_rate": "--doublet-rate",
+             "save_model": "--save-model"}
 """The package's parameter names and the flags that set them on the command line."""
 
 

@@ -47,7 +47,7 @@ def test_all_lists_every_public_callable(module):
 
 
 def test_top_level_exports():
-    assert set(ov.__all__) == {"OmicVAE", "__version__", "datasets", "pl", "tl"}
+    assert set(ov.__all__) == {"OmicVAE", "ResultsRecord", "__version__", "datasets", "pl", "tl"}
 
 
 # ---------------------------------------------------------------------------- signatures

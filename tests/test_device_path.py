@@ -74,14 +74,18 @@ def test_a_host_read_on_meta_does_raise():
 
 
 def test_output_chunks_are_cache_sized_on_the_cpu_and_large_on_an_accelerator():
-    from omicvae_sc.model._runtime import ACCELERATOR_CHUNK_ELEMENTS, CHUNK_ELEMENTS, chunk_rows
+    from omicvae_sc.module._memory import ACCELERATOR_BUDGET, BUDGET, Pass, chunk_rows, tile_rows
 
     cpu, gpu = torch.device("cpu"), torch.device("meta")
-    assert chunk_rows(cpu, 2000) == CHUNK_ELEMENTS // 2000 == 262
-    assert chunk_rows(gpu, 2000) == ACCELERATOR_CHUNK_ELEMENTS // 2000 == 16777  # 60 for 1M
-    assert chunk_rows(gpu, 100 * 2000) == 167  # log p(x) with K=100: not 2 cells a chunk
-    assert chunk_rows(cpu, 100 * 2000) == 2  # never fewer than two (BatchNorm)
-    assert chunk_rows(gpu, 2000, elements=2**27) == 2**27 // 2000  # a larger own size is kept
+    assert chunk_rows(2000, cpu) == BUDGET // 2000 == 262
+    assert chunk_rows(2000, gpu) == ACCELERATOR_BUDGET // 2000 == 16777  # 60 for 1M
+    assert chunk_rows(100 * 2000, gpu) == 167  # log p(x) with K=100: not 2 cells a chunk
+    assert chunk_rows(100 * 2000, cpu) == 2  # never fewer than two (BatchNorm)
+    assert chunk_rows(2000, gpu, Pass.SCORES) == 64 * BUDGET // 2000  # a larger share is kept
+    assert chunk_rows(10 * 2000, cpu, Pass.PAIRWISE, least=1) == 2 * BUDGET // 20000
+    # the likelihood's tiles: half a budget on the CPU, the whole minibatch elsewhere
+    assert tile_rows(2000, 512, cpu) == BUDGET // 2 // 2000 == 131
+    assert tile_rows(2000, 512, gpu) == 512
 
 
 # ------------------------------------------------------------------ CUDA graph replay

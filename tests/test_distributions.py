@@ -14,7 +14,6 @@ from omicvae_sc.module._distributions import (
     ZeroInflatedNegativeBinomial,
     make_count_distribution,
 )
-from omicvae_sc.module._nb_kernel import nb_log_prob
 
 # broadcast grid: x (201, 1, 1), mu (1, 11, 1), theta (1, 1, 9)
 X_GRID = np.arange(201.0)[:, None, None]
@@ -199,59 +198,3 @@ def test_validate_args_rejects_non_counts():
     nb = NegativeBinomial(torch.ones(3), torch.ones(3), validate_args=True)
     with pytest.raises(ValueError, match="support"):
         nb.log_prob(torch.tensor([0.0, 1.5, 2.0]))
-
-
-def _textbook_log_prob(likelihood, x, mu, theta, zi):
-    """The formula with every term dense, differentiated by autograd: the reference for the
-    hand-written gradients."""
-    t = theta.expand_as(mu)
-    lt = torch.log(t + mu + 1e-8)
-    log_nb_zero = t * (torch.log(t + 1e-8) - lt)
-    log_nb = (log_nb_zero + x * (torch.log(mu + 1e-8) - lt) + torch.lgamma(x + t)
-              - torch.lgamma(t) - torch.lgamma(x + 1))
-    if likelihood == "nb":
-        return log_nb
-    sp = torch.nn.functional.softplus
-    return torch.where(x < 0.5, sp(-zi + log_nb_zero) - sp(-zi), -zi - sp(-zi) + log_nb)
-
-
-@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
-@pytest.mark.parametrize("theta_shape", [(1, 30), (50, 30), (30,)])
-@pytest.mark.parametrize("samples", [(), (4,)])
-@pytest.mark.parametrize("sparse", [True, False], ids=["nonzeros-only", "dense"])
-def test_hand_written_gradients_match_autograd(likelihood, theta_shape, samples, sparse):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.rand(50, 30, generator=gen, dtype=torch.float64) * 2, gen)
-    mu = (torch.rand(*samples, 50, 30, generator=gen, dtype=torch.float64) * 3 + 0.01)
-    theta = torch.rand(*theta_shape, generator=gen, dtype=torch.float64) + 0.2
-    zi = torch.randn(*samples, 50, 30, generator=gen, dtype=torch.float64)
-    inputs = [mu.requires_grad_(), theta.requires_grad_()]
-    if likelihood == "zinb":
-        inputs.append(zi.requires_grad_())
-    weights = torch.randn(*samples, 50, 30, generator=gen, dtype=torch.float64)
-    got = nb_log_prob(x, mu, theta, zi if likelihood == "zinb" else None, sparse=sparse)
-    expected = _textbook_log_prob(likelihood, x, mu, theta, zi)
-    torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
-                    torch.autograd.grad((expected * weights).sum(), inputs), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.parametrize("sparse", [True, False], ids=["nonzeros-only", "dense"])
-def test_hand_written_gradients_pass_gradcheck(sparse):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.poisson(torch.rand(6, 5, generator=gen, dtype=torch.float64) * 2, gen)
-    mu = (torch.rand(6, 5, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
-    theta = (torch.rand(1, 5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    zi = torch.randn(6, 5, generator=gen, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda m, t, z: nb_log_prob(x, m, t, z, sparse=sparse), (mu, theta, zi))
-
-
-def test_distributions_use_the_nonzeros_only_path_on_the_cpu():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.poisson(torch.rand(20, 10, generator=gen) * 2, gen)
-    mu, theta, zi = torch.rand(20, 10, generator=gen) + 0.1, torch.ones(1, 10), torch.zeros(20, 10)
-    got = ZeroInflatedNegativeBinomial(mu, theta, zi).log_prob(x)
-    assert torch.equal(got, nb_log_prob(x, mu, theta, zi, sparse=True))
-    torch.testing.assert_close(got, nb_log_prob(x, mu, theta, zi, sparse=False))

@@ -88,7 +88,7 @@ def test_ctrl_c_returns_the_model_and_history_so_far(synthetic):
                               progress_bar=False)
     assert history.interrupted and len(history) == 2 and model.is_trained
     changed = [k for k, v in model.module.state_dict().items() if not torch.equal(v, init[k])]
-    assert "decoder.scale.weight" in changed  # it learned before the interrupt
+    assert "decoder.fraction_logits.weight" in changed  # it learned before the interrupt
     assert not model.module.training
     assert np.isfinite(model.get_latent_representation()).all()
 

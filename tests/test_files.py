@@ -135,8 +135,25 @@ def test_a_missing_weights_file_is_named(tmp_path):
 
 
 def test_format_version_1_folders_still_load(tmp_path):
-    adata, path, meta = _saved(tmp_path)
+    adata, path = _data(), tmp_path / "model"
+    model = OmicVAE(adata, n_hidden=16, n_latent=3, device="cpu")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # weights no fresh model has: a load that skipped them would show
+        for p in model.module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator))
+    model.save(path)
+    meta = json.loads((path / "metadata.json").read_text())
     os.replace(path / meta.pop("weights_file"), path / "model.pt")
     meta["format_version"] = 1
     (path / "metadata.json").write_text(json.dumps(meta))
-    assert OmicVAE.load(path, adata, device="cpu").module is not None
+
+    loaded = OmicVAE.load(path, adata, device="cpu")
+    saved, read = model.module.state_dict(), loaded.module.state_dict()
+    assert read.keys() == saved.keys()
+    differ = [k for k in saved if saved[k].dtype != read[k].dtype
+              or not torch.equal(saved[k], read[k])]
+    assert not differ, f"tensors not restored bitwise from model.pt: {differ}"
+    fresh = OmicVAE(adata, n_hidden=16, n_latent=3, device="cpu").module.state_dict()
+    assert not torch.equal(fresh["log_theta"], read["log_theta"])  # the file's, not the seed's
+    np.testing.assert_array_equal(loaded.get_latent_representation(adata),
+                                  model.get_latent_representation(adata))

@@ -3,6 +3,7 @@ and goes back to the system when training ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -64,29 +65,59 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
         _heap._glibc_library.cache_clear()
 
 
-_STEPS = """
-import resource, torch
-from omicvae_sc.train._heap import steady_heap
-torch.set_num_threads(2)
-def step():  # a training step's worth of (batch, genes) temporaries, all freed at its end
-    ts = [torch.ones(512, 2000) for _ in range(12)]
-    return sum(float(t[0, 0]) for t in ts)
-with steady_heap():
-    step()  # the heap grows once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+_ALLOCATOR = """
+import ctypes, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_heap", sys.argv[1])  # no torch, no package:
+heap = importlib.util.module_from_spec(spec)                          # a quiet, fresh heap
+spec.loader.exec_module(heap)
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 16 << 20  # a step's temporary: above glibc's 128 KiB default, below the 32 MiB set
+
+with heap.steady_heap():
+    before = libc.mallinfo2()
+    block = libc.malloc(SIZE)
+    allocated = libc.mallinfo2()
+    libc.free(block)
+    freed = libc.mallinfo2()
+left = libc.mallinfo2()
+print(json.dumps({
+    "mapped": allocated.hblks - before.hblks,    # blocks served by mmap of their own
+    "heap_grew": allocated.arena - before.arena,  # bytes the heap took from the system
+    "kept": freed.arena - before.arena,           # still held once the block is freed
+    "handed_back": freed.arena - left.arena,      # returned when the block is left
+}))
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_on_glibc_a_step_s_freed_memory_is_reused_without_page_faults():
-    # a fresh process, as a user's first train(): its heap has no history of large frees
-    env = {**os.environ, "OMICVAE_SC_TUNE_MALLOC": "1"}
-    out = subprocess.run([sys.executable, "-c", _STEPS], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    faults = int(out.strip().splitlines()[-1])
-    # 20 steps x 12 tensors x 4 MB mapped afresh would be about 240,000 faults; glibc's
-    # defaults gave 12,954 to 239,360 in three fresh processes, steady_heap 1,000 each time
-    assert faults < 5_000, faults
+def _allocator(tune: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    env["OMICVAE_SC_TUNE_MALLOC"] = tune
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR, _heap.__file__], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33),
+                    reason="glibc's malloc only (mallinfo2 from 2.33)")
+def test_on_glibc_a_freed_step_block_stays_in_the_heap_and_goes_back_at_the_end():
+    """The real allocator, read through its own counters (mallinfo2), not a clock: inside the
+    block a 16 MiB allocation comes from the heap and stays there once freed; leaving the
+    block hands it back. Fresh processes, whose heaps have no history of large frees."""
+    size = 16 << 20
+    off = _allocator("0")  # glibc's defaults, the control: a block of its own, unmapped on free
+    assert off["mapped"] == 1 and off["heap_grew"] < size, off
+    on = _allocator("1")
+    assert on["mapped"] == 0 and on["heap_grew"] >= size, on  # M_MMAP_THRESHOLD applied
+    assert on["kept"] >= size, on  # M_TRIM_THRESHOLD applied: not trimmed when freed
+    assert on["handed_back"] >= size, on  # malloc_trim(0) on leaving the outermost block

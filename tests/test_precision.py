@@ -28,7 +28,7 @@ def test_linear_in_bfloat16_keeps_float32_in_and_out():
 
 def test_matmul_dtype_covers_the_gene_sized_layers_and_is_undone():
     vae = VAE(50, likelihood="zinb")
-    layers = [vae.encoder.body.net[0], vae.decoder.scale, vae.decoder.zi_logits]
+    layers = [vae.encoder.body.net[0], vae.decoder.fraction_logits, vae.decoder.zi_logits]
     with pytest.raises(RuntimeError, match="inside"), vae.matmul_dtype(torch.bfloat16):
         assert all(layer.compute_dtype == torch.bfloat16 for layer in layers)
         assert vae.decoder.body.net[0].compute_dtype is None  # latent-sized: stays float32

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from anndata import AnnData
 
 import omicvae_sc as ov
-from omicvae_sc.data import AnnDataSetup
+from omicvae_sc.data import FIELDS, SCHEMA_VERSION, AnnDataSetup, ResultsRecord
 from omicvae_sc.train import History
 
 EPOCHS = 3
@@ -63,9 +65,11 @@ def test_writes_exactly_the_documented_keys(layers, synthetic, adata_fingerprint
     assert added == _expected("omicvae", layers)
     assert all(before_keys[attr] <= after[attr] for attr in ATTRS)
     assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "anomaly", "doublet",
-                                        "latent_diagnostics"}
+                                        "latent_diagnostics", "schema_version"}
+    record = ResultsRecord.read(adata)
+    assert record.schema_version == SCHEMA_VERSION
     for kind in ("anomaly", "doublet"):
-        assert set(adata.uns["omicvae"][kind]) == {"rule", "value", "threshold", "n_flagged"}
+        assert set(record.flag_rule(kind)) == {"rule", "value", "threshold", "n_flagged"}
 
     for attr, keys in added.items():  # take them away again: nothing else was touched
         for key in keys:
@@ -78,7 +82,10 @@ def test_scores_can_be_switched_off(synthetic):
     _fit(adata, anomaly=False, doublets=False)
     assert {k for k in adata.obs if k.startswith("omicvae_")} == {
         "omicvae_log_likelihood", "omicvae_rate", "omicvae_distortion"}
-    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "latent_diagnostics"}
+    record = ResultsRecord.read(adata)
+    assert record.anomaly is None and record.doublet is None
+    assert set(adata.uns["omicvae"]) == {"params", "setup", "history", "latent_diagnostics",
+                                        "schema_version"}
 
 
 def test_documented_keys_are_the_written_keys():
@@ -208,3 +215,50 @@ def test_logs_the_keys_added(caplog, synthetic):
     for attr, keys in _expected("bar", layers=True).items():
         for key in keys:
             assert f"{attr}[{key!r}]" in messages[0]
+
+
+# ---------------------------------------------------------------------------- the schema
+def _readme_table_keys() -> set[str]:
+    """The first column of the README's "What is written where" table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## What is written where", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `adata.")]
+    return {re.match(r"\| `adata\.(\w+)\[\"([^\"]+)\"\]`", row).groups() for row in rows}
+
+
+def test_readme_table_lists_exactly_the_schema():
+    in_schema = {(f.attribute, f.name("omicvae")) for f in FIELDS}
+    assert _readme_table_keys() == in_schema
+
+
+def test_written_keys_are_the_schema_fields(synthetic):
+    adata = fitted(layers=True)
+    added = {(attr, key) for attr in ATTRS
+             for key in _keys(adata)[attr] - _keys(synthetic)[attr]}
+    # var['<key>_genes'] comes only with n_top_genes (tests/test_full_genes.py)
+    schema = {(f.attribute, f.name("omicvae")) for f in FIELDS if f.attribute != "var"}
+    assert added == schema
+
+
+def test_results_record_round_trips_through_h5ad_and_refuses_newer_layouts(tmp_path):
+    adata = fitted()
+    path = tmp_path / "fitted.h5ad"
+    adata.write_h5ad(path)
+    back = ResultsRecord.read(ad.read_h5ad(path))
+    record = ResultsRecord.read(adata)
+    assert back.params["likelihood"] == record.params["likelihood"]
+    np.testing.assert_array_equal(back.history["train_elbo"], record.history["train_elbo"])
+    assert back.doublet["n_flagged"] == record.doublet["n_flagged"]
+    newer = {**adata.uns["omicvae"], "schema_version": SCHEMA_VERSION + 1}
+    with pytest.raises(ValueError, match=r"schema version 2; this omicvae_sc reads up to 1"):
+        ResultsRecord.from_uns(newer)
+    older = {k: v for k, v in adata.uns["omicvae"].items() if k != "schema_version"}
+    assert ResultsRecord.from_uns(older).schema_version == 1  # written before the version
+
+
+def test_reading_results_that_are_not_there_says_how_to_make_them(synthetic, adata_fingerprint):
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(KeyError, match=r"adata\.uns\['omicvae'\] holds no omicvae results; run "
+                                       r"ov\.tl\.omicvae\(adata, key_added='omicvae'\)"):
+        ResultsRecord.read(synthetic)
+    assert adata_fingerprint(synthetic) == before

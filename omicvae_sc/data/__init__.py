@@ -1,6 +1,7 @@
 """The AnnData boundary: the only code that reads or writes AnnData."""
 
 from omicvae_sc.data._loader import CountTensors, stack_rows
+from omicvae_sc.data._schema import FIELDS, SCHEMA_VERSION, Field, ResultsRecord, obs_key
 from omicvae_sc.data._setup import (
     SETUP_KEY,
     AnnDataSetup,
@@ -13,24 +14,31 @@ from omicvae_sc.data._writeback import (
     Results,
     check_key_added,
     output_keys,
+    write_keys,
     write_results,
     write_uns,
 )
 
 __all__ = [
+    "FIELDS",
+    "SCHEMA_VERSION",
     "SETUP_KEY",
     "AnnDataSetup",
     "CountTensors",
+    "Field",
     "Results",
+    "ResultsRecord",
     "build_setup",
     "check_anndata_object",
     "check_counts",
     "check_key_added",
     "covariate_codes",
     "get_counts",
+    "obs_key",
     "output_keys",
     "read_setup",
     "stack_rows",
+    "write_keys",
     "write_results",
     "write_uns",
 ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from anndata import AnnData
+
+from omicvae_sc.data._schema import FIELDS, ResultsRecord, field
 
 logger = logging.getLogger("omicvae_sc")
 
@@ -19,9 +21,9 @@ class Results:
 
     latent: np.ndarray  # (cells, n_latent)
     obs: dict[str, np.ndarray]  # suffix -> (cells,), e.g. "log_likelihood"
-    uns: dict  # plain, h5ad-serializable
+    record: ResultsRecord  # what goes into uns
     denoised: np.ndarray | None = None  # (cells, genes)
-    var: dict[str, np.ndarray] = field(default_factory=dict)  # suffix -> (genes,)
+    var: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # suffix -> (genes,)
 
     def on_genes(self, mask: np.ndarray) -> Results:
         """These results, fitted on the genes ``mask`` selects, for the AnnData of all genes:
@@ -31,19 +33,21 @@ class Results:
         if denoised is not None:
             denoised = np.full((len(denoised), len(mask)), np.nan, dtype=np.float32)
             denoised[:, mask] = self.denoised
+        params = {**self.record.params, "n_top_genes": int(np.sum(mask))}
         return dataclasses.replace(self, denoised=denoised,
-                                   var={**self.var, "genes": np.asarray(mask, dtype=bool)})
+                                   var={**self.var, "genes": np.asarray(mask, dtype=bool)},
+                                   record=dataclasses.replace(self.record, params=params))
 
 
 def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
-    """The keys :func:`write_results` adds, by AnnData attribute."""
-    keys = {
-        "obsm": [f"X_{key_added}"],
-        "obs": [f"{key_added}_{suffix}" for suffix in results.obs],
-        "uns": [key_added],
-        "layers": [f"{key_added}_denoised"] if results.denoised is not None else [],
-        "var": [f"{key_added}_{suffix}" for suffix in results.var],
-    }
+    """The keys :func:`write_results` adds, by AnnData attribute, named by the schema
+    (:data:`omicvae_sc.data._schema.FIELDS`; a suffix outside it is a ``KeyError``)."""
+    present = {"obsm": ["latent"], "obs": list(results.obs), "uns": [""],
+               "layers": ["denoised"] if results.denoised is not None else [],
+               "var": list(results.var)}
+    keys = {attribute: [field(attribute, suffix).name(key_added) for suffix in suffixes]
+            for attribute, suffixes in present.items()}
+    assert all(any(f.attribute == a for f in FIELDS) for a in keys)
     return keys
 
 
@@ -75,7 +79,7 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
         adata.layers[keys["layers"][0]] = np.asarray(results.denoised, dtype=np.float32)
     for name, suffix in zip(keys["var"], results.var, strict=True):
         adata.var[name] = np.asarray(results.var[suffix])
-    adata.uns[key_added] = results.uns
+    adata.uns[key_added] = results.record.to_uns()
     added = ", ".join(f"{attr}[{k!r}]" for attr, ks in keys.items() for k in ks)
     logger.info("omicvae_sc added %s", added)
     return keys

@@ -12,6 +12,7 @@ _LIBRARY_SIGMA = 0.3  # log-scale spread of library sizes
 
 
 def _validate(
+    *,
     n_cells: int,
     n_genes: int,
     n_groups: int,
@@ -89,7 +90,8 @@ def synthetic_counts(
     - ``var_names``: ``"gene0"``, ``"gene1"``, ...; ``obs_names``: ``"cell0"``, ...;
     - ``uns['provenance']``: a dict of plain strings and numbers recording every parameter.
     """
-    _validate(n_cells, n_genes, n_groups, n_batches, likelihood, dropout, theta, batch_effect)
+    _validate(n_cells=n_cells, n_genes=n_genes, n_groups=n_groups, n_batches=n_batches,
+              likelihood=likelihood, dropout=dropout, theta=theta, batch_effect=batch_effect)
     rng = np.random.default_rng(seed)
 
     group = rng.permutation(np.arange(n_cells) % n_groups)  # (cells,)
@@ -116,17 +118,7 @@ def synthetic_counts(
     empty = np.flatnonzero(counts.sum(axis=1) == 0)
     counts[empty, rng.integers(n_genes, size=empty.size)] = 1
 
-    X = sparse.csr_matrix(counts.astype(np.float32))
-    obs = pd.DataFrame(
-        {
-            "group": pd.Categorical.from_codes(group, [f"group{i}" for i in range(n_groups)]),
-            "batch": pd.Categorical.from_codes(batch, [f"batch{i}" for i in range(n_batches)]),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
-    adata = ad.AnnData(X=X, obs=obs, var=var, layers={"counts": X.copy()})
-    adata.uns["provenance"] = {
+    provenance = {
         "source": "omicvae_sc.datasets.synthetic_counts (gamma-Poisson simulation)",
         "n_cells": int(n_cells),
         "n_genes": int(n_genes),
@@ -142,4 +134,23 @@ def synthetic_counts(
         "library_median": _LIBRARY_MEDIAN,
         "library_log_sigma": _LIBRARY_SIGMA,
     }
+    return _as_anndata(counts, group, batch, provenance)
+
+
+def _as_anndata(counts: np.ndarray, group: np.ndarray, batch: np.ndarray, provenance: dict
+                ) -> ad.AnnData:
+    """Counts (CSR float32, also in ``layers['counts']``), group and batch labels, provenance."""
+    n_cells, n_genes = counts.shape
+    n_groups, n_batches = provenance["n_groups"], provenance["n_batches"]
+    X = sparse.csr_matrix(counts.astype(np.float32))
+    obs = pd.DataFrame(
+        {
+            "group": pd.Categorical.from_codes(group, [f"group{i}" for i in range(n_groups)]),
+            "batch": pd.Categorical.from_codes(batch, [f"batch{i}" for i in range(n_batches)]),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    adata = ad.AnnData(X=X, obs=obs, var=var, layers={"counts": X.copy()})
+    adata.uns["provenance"] = provenance
     return adata

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from omicvae_sc.data import CountTensors, stack_rows
-from omicvae_sc.module import VAE
+from omicvae_sc.module import VAE, Pass, Posterior, chunk_rows
 
 ACTIVE_THRESHOLD = 0.01
 """A latent dimension is active when the variance across cells of its posterior mean exceeds
@@ -22,9 +22,6 @@ this (Burda et al. 2016, "Importance Weighted Autoencoders", section 5.2)."""
 MI_CELLS = 2000
 """Cells in the Monte Carlo estimate of the aggregate posterior q(z) (default ``n_cells``)."""
 
-CHUNK_ELEMENTS = 2**20
-"""Pairwise log q(z_i | x_j) is computed in chunks of rows holding about this many numbers
-(4 MiB of float32: the diagnostics run inside ``train()``, whose peak memory counts)."""
 
 
 @dataclass(frozen=True)
@@ -101,11 +98,12 @@ def log_aggregate_posterior(
     """log q(z_i) = logsumexp_j log q(z_i | x_j) - log M for each row of ``z`` ``(n, latent)``,
     the mixture over the M cells whose posteriors are ``mean``, ``var`` ``(M, latent)``.
 
-    Rows are processed in chunks so that the ``(chunk, M, latent)`` tensor stays small.
+    Rows are processed in chunks (the memory policy's ``Pass.PAIRWISE``: the diagnostics run
+    inside ``train()``, whose peak memory counts) so that ``(chunk, M, latent)`` stays small.
     """
     n_mix, n_latent = mean.shape
     log_norm = -0.5 * (torch.log(var) + math.log(2 * math.pi)).sum(-1)  # (M,)
-    step = max(1, CHUNK_ELEMENTS // max(1, n_mix * n_latent))
+    step = chunk_rows(n_mix * n_latent, z.device, Pass.PAIRWISE, least=1)
 
     def chunks():
         for lo in range(0, len(z), step):
@@ -143,7 +141,7 @@ def latent_diagnostics(
     """Per-dimension KL and active units over all cells of ``data``, and I(x; z) over a random
     subsample of at most ``n_cells`` of them (drawn with ``seed``)."""
     mean, var = posterior_moments(module, data, batch_size)  # (n_cells, latent) each
-    kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var))  # (n_cells, latent)
+    kl = Posterior(mean, var).kl_per_dimension()  # (n_cells, latent)
     mean_var = mean.double().var(0) if len(mean) > 1 else torch.zeros(mean.shape[1])
     active = (mean_var > ACTIVE_THRESHOLD).cpu().numpy()
     generator = torch.Generator(device=mean.device).manual_seed(seed)

@@ -1,5 +1,5 @@
 """Generation from the prior: new cells (``OmicVAE.sample``) and the per-gene posterior predictive
-check (``OmicVAE.posterior_predictive_check``). The ``OmicVAE`` methods are thin wrappers."""
+check (``OmicVAE.posterior_predictive_check``), as functions of the module and the data."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ import torch
 from anndata import AnnData
 
 from omicvae_sc.data import AnnDataSetup, CountTensors
-from omicvae_sc.model._runtime import chunk_rows
-from omicvae_sc.module import VAE
-
-CHUNK_ELEMENTS = 2**19
-"""Cells are generated in chunks of about this many numbers (cells x genes)."""
-
-
-def _chunk(device: torch.device, n_genes: int) -> int:
-    return chunk_rows(device, n_genes, CHUNK_ELEMENTS)
+from omicvae_sc.model._runtime import seeded
+from omicvae_sc.module import VAE, chunk_rows
 
 
 # ---------------------------------------------------------------------------- new cells
@@ -67,14 +60,14 @@ def sample_counts(module: VAE, plan: CellPlan, device: torch.device) -> sp.csr_m
     """z ~ N(0, I) per cell, decoded at the planned library and covariates, counts drawn from
     the fitted likelihood (torch's global RNG: seed it around the call). ``(n_cells, genes)``."""
     n = len(plan.library)
-    step = _chunk(torch.device(device), module.decoder.scale.out_features)
+    step = chunk_rows(module.decoder.fraction_logits.out_features, torch.device(device))
     parts = []
     for lo in range(0, n, step):
         lib = torch.as_tensor(plan.library[lo:lo + step], dtype=torch.float32, device=device)
         codes = None if plan.codes is None else torch.as_tensor(plan.codes[lo:lo + step],
                                                                 device=device)
         z = torch.randn(len(lib), module.n_latent, device=device)  # (chunk, latent)
-        x = module.generative(z, lib[:, None], codes).sample()  # (chunk, genes)
+        x = module.generative(z, lib[:, None], codes).distribution().sample()  # (chunk, genes)
         parts.append(sp.csr_matrix(x.cpu().numpy().astype(np.float32)))
     return sp.vstack(parts, format="csr")
 
@@ -91,6 +84,20 @@ def as_anndata(
     adata = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(var_names, dtype=str)))
     adata.layers["counts"] = counts.copy()
     return adata
+
+
+def sample_cells(module: VAE, setup: AnnDataSetup, var_names: np.ndarray,
+                 counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
+                 device: torch.device, *, n_cells: int, batch: str | None,
+                 library_size: float | np.ndarray | None, seed: int) -> AnnData:
+    """``OmicVAE.sample``: new cells at the library sizes and covariates of the training
+    cells (``counts``, ``codes``) resampled with ``seed``, as an AnnData."""
+    library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+    plan = plan_cells(setup, library, codes, n_cells=n_cells, batch=batch,
+                      library_size=library_size, seed=seed)
+    with seeded(seed, device):
+        x = sample_counts(module, plan, device)
+    return as_anndata(x, plan, setup, var_names)
 
 
 # ---------------------------------------------------------------------------- the check
@@ -119,10 +126,11 @@ def predictive_moments(module: VAE, data: CountTensors) -> pd.DataFrame:
     per observed cell (z ~ N(0, I), the observed library size and covariates). Uses torch's
     global RNG: seed it around the call. Columns ``observed_<m>`` / ``generated_<m>``."""
     observed, generated = (_GeneSums(data.n_genes, data.device) for _ in range(2))
-    for x, codes in data.batches(_chunk(data.device, data.n_genes), shuffle=False):
+    for x, codes in data.batches(chunk_rows(data.n_genes, data.device), shuffle=False):
         z = torch.randn(len(x), module.n_latent, device=x.device)  # (chunk, latent)
         observed.add(x)
-        generated.add(module.generative(z, x.sum(-1, keepdim=True), codes).sample())
+        library = x.sum(-1, keepdim=True)
+        generated.add(module.generative(z, library, codes).distribution().sample())
     out = {}
     for name, sums in (("observed", observed), ("generated", generated)):
         for stat, values in zip(("mean", "variance", "zero_fraction"), sums.moments(),
@@ -141,3 +149,14 @@ def summarize(df: pd.DataFrame) -> None:
     df.attrs["zero_fraction_mae"] = mae("observed_zero_fraction", "generated_zero_fraction", False)
     df.attrs["log_mean_mae"] = mae("observed_mean", "generated_mean", True)
     df.attrs["log_variance_mae"] = mae("observed_variance", "generated_variance", True)
+
+
+def posterior_predictive_check(module: VAE, data: CountTensors, var_names: np.ndarray,
+                               seed: int) -> pd.DataFrame:
+    """``OmicVAE.posterior_predictive_check`` on the (already subsampled) cells ``data``."""
+    with seeded(seed, data.device):
+        df = predictive_moments(module, data)
+    df.index = pd.Index(var_names, name="gene")
+    summarize(df)
+    df.attrs["n_cells"] = data.n_cells
+    return df

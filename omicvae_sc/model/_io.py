@@ -16,15 +16,12 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from omicvae_sc.train import temp_dir, temp_file
-
-if TYPE_CHECKING:
-    from omicvae_sc.model._omicvae import OmicVAE
 
 FORMAT = "omicvae_sc.model"
 FORMAT_VERSION = 2
@@ -65,11 +62,11 @@ def _write_json(path: Path, meta: dict) -> None:
             os.remove(tmp)
 
 
-def _write_weights(model: OmicVAE, folder: Path) -> tuple[str, str]:
+def _write_weights(module: nn.Module, folder: Path) -> tuple[str, str]:
     """Save the weights into ``folder`` under a name of their own; (name, SHA-256)."""
     tmp = temp_file(folder, prefix=".weights.")
     try:
-        torch.save({k: v.detach().cpu() for k, v in model.module.state_dict().items()}, tmp)
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
         digest = _sha256(Path(tmp))
         name = f"weights-{digest[:16]}.pt"
         os.replace(tmp, folder / name)
@@ -79,7 +76,9 @@ def _write_weights(model: OmicVAE, folder: Path) -> tuple[str, str]:
     return name, digest
 
 
-def save_model(model: OmicVAE, path: Path, *, overwrite: bool) -> None:
+def save_model(path: Path, module: nn.Module, record: dict, *, overwrite: bool) -> None:
+    """Write ``module``'s weights and ``record`` (hyperparameters, setup, genes, training
+    state and history: plain values) into the folder ``path``, atomically."""
     if path.exists() and not overwrite:
         msg = f"{path} already exists; pass overwrite=True to replace it."
         raise FileExistsError(msg)
@@ -91,13 +90,9 @@ def save_model(model: OmicVAE, path: Path, *, overwrite: bool) -> None:
     fresh = not path.exists()
     folder = temp_dir(path.parent, prefix=f".{path.name}.") if fresh else path
     try:
-        name, digest = _write_weights(model, folder)
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": name,
-            "weights_sha256": digest, "hparams": model.hparams, "setup": model.setup.to_dict(),
-            "var_names": model.var_names.tolist(), "is_trained": model.is_trained,
-            "history": model.history.to_dict(),
-        }
+        name, digest = _write_weights(module, folder)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": name,
+                "weights_sha256": digest, **record}
         _write_json(folder / METADATA, meta)  # the switch from the old model to the new one
         if fresh:
             os.replace(folder, path)

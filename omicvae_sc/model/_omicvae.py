@@ -1,4 +1,11 @@
-"""``OmicVAE``: the user-facing model, where data/, module/ and train/ meet."""
+"""``OmicVAE``: the user-facing model, a thin façade where data/, module/ and train/ meet.
+
+Each method validates its input (through data/) and calls a plain function over the module
+and the data: model/_outputs.py (latents, expression, likelihoods, predictive draws),
+model/_results.py (scores, flags and everything written back), model/_diagnostics.py,
+model/_refine.py, model/_generate.py, model/_training.py and model/_io.py. None of those
+files knows this class.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
@@ -14,38 +22,38 @@ from omicvae_sc.data import (
     SETUP_KEY,
     AnnDataSetup,
     CountTensors,
+    Results,
     build_setup,
     check_anndata_object,
     check_counts,
+    check_key_added,
     covariate_codes,
     get_counts,
     read_setup,
+    write_keys,
+    write_results,
 )
-from omicvae_sc.model import (
-    _diagnostics,
-    _introspection,
-    _io,
-    _outputs,
-    _results,
-)
+from omicvae_sc.model import _generate, _io, _outputs, _results
 from omicvae_sc.model._checks import (
+    batch_code_of,
     check_count,
     check_hyperparameters,
     check_same_genes,
-    validation_split,
+    gene_columns,
 )
-from omicvae_sc.model._runtime import chunk_rows, resolve_device, resolve_precision, seeded
+from omicvae_sc.model._diagnostics import (
+    MI_CELLS,
+    LatentDiagnostics,
+    collapse_message,
+    latent_diagnostics,
+)
+from omicvae_sc.model._refine import RefinedLatent, check_refine_args, refine_cells
+from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS, ResultOptions
+from omicvae_sc.model._runtime import resolve_device, seeded
+from omicvae_sc.model._scores import ANOMALY_DRAWS, ANOMALY_SAMPLES
+from omicvae_sc.model._training import TrainRequest, train_module
 from omicvae_sc.module import VAE
-from omicvae_sc.train import (
-    CheckpointPlan,
-    History,
-    TrainConfig,
-    TrainingDiverged,
-    default_max_epochs,
-    fit,
-    read_checkpoint,
-    steady_heap,
-)
+from omicvae_sc.train import History, TrainingDiverged, default_max_epochs, steady_heap
 
 
 class OmicVAE:
@@ -60,8 +68,8 @@ class OmicVAE:
     dropout_rate
         Dropout in the encoder.
     likelihood
-        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``. See the README for the measurements
-        behind the default.
+        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``; the measurements behind the default
+        are in benchmarks/README.md ("Choosing the default likelihood").
     dispersion
         ``"gene"`` or ``"gene-batch"``.
     encode_covariates
@@ -84,8 +92,29 @@ class OmicVAE:
         self._build(adata, read_setup(adata), hparams, device)
 
     @classmethod
-    def _from_setup(cls, adata: AnnData, setup: AnnDataSetup, device="auto", **hparams) -> OmicVAE:
-        """Build without reading ``adata.uns`` (used by ``tl.omicvae`` and ``load``)."""
+    def from_setup(cls, adata: AnnData, setup: AnnDataSetup, *, device: str | torch.device = "auto",
+                   **hparams) -> OmicVAE:
+        """Build a model from a setup, without reading or writing ``adata.uns``.
+
+        The setup comes from :func:`omicvae_sc.data.build_setup` (as in ``tl.omicvae``) or
+        from a saved model (as in :meth:`load`).
+
+        Parameters
+        ----------
+        adata
+            Cells x genes with the counts and covariates the setup names.
+        setup
+            The counts layer and covariates to model.
+        device
+            ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+        **hparams
+            The hyperparameters of :class:`OmicVAE` (``n_latent``, ``likelihood``, ``seed``,
+            ...); the rest take their defaults.
+
+        Returns
+        -------
+        An untrained model.
+        """
         obj = cls.__new__(cls)
         defaults = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1,
                         likelihood="zinb", dispersion="gene", encode_covariates=False, seed=0)
@@ -106,7 +135,7 @@ class OmicVAE:
         self.module.to(self.device).eval()
         self.history = History()
         self.is_trained = False
-        self.diagnostics: _diagnostics.LatentDiagnostics | None = None
+        self.diagnostics: LatentDiagnostics | None = None
 
     def __repr__(self) -> str:
         h = self.hparams
@@ -235,47 +264,18 @@ class OmicVAE:
             (a ``FloatingPointError``) when the loss becomes NaN or infinite; the message names
             the epoch and step, and the model keeps its last good weights and history.
         """
-        if batch_size < 2:
-            msg = (f"batch_size must be at least 2 (BatchNorm cannot normalize one cell), got "
-                   f"{batch_size}.")
-            raise ValueError(msg)
-        check_count("checkpoint_every", checkpoint_every)
-        if resume and checkpoint_dir is None:
-            msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
-            raise ValueError(msg)
-        if cuda_graphs and self.device.type != "cuda":
-            msg = (f"cuda_graphs=True needs a CUDA device; this model is on "
-                   f"{self.device.type!r}. Leave cuda_graphs off on the CPU.")
-            raise ValueError(msg)
-        precision = resolve_precision(precision, self.device)
-        seed = self.hparams["seed"] if seed is None else seed
-        n = self.adata.n_obs
-        max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
-        train_idx, val_idx = validation_split(n, validation_fraction, bool(early_stopping), seed)
-        early_stopping = len(val_idx) > 0 if early_stopping is None else early_stopping
-        config = TrainConfig(max_epochs=max_epochs, batch_size=batch_size, lr=lr, beta=beta,
-                             warmup_fraction=warmup_fraction, early_stopping=early_stopping,
-                             patience=patience, progress_bar=progress_bar,
-                             precision=precision, cuda_graphs=cuda_graphs)
+        request = TrainRequest(
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, beta=beta,
+            warmup_fraction=warmup_fraction, validation_fraction=validation_fraction,
+            early_stopping=early_stopping, patience=patience,
+            seed=self.hparams["seed"] if seed is None else seed, progress_bar=progress_bar,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+            precision=precision, cuda_graphs=cuda_graphs)
+        request.check(self.device)
         counts, codes = self._host_data(None)
-        train_data, val_data = (
-            CountTensors(counts, codes, self.device, cells=idx) if len(idx) else None
-            for idx in (train_idx, val_idx)
-        )
-        plan = resume_from = None
-        if checkpoint_dir is not None:
-            run = {k: v for k, v in vars(config).items()  # how it runs, not what it computes
-                   if k not in ("progress_bar", "cuda_graphs")}
-            run |= {"seed": seed, "n_train": len(train_idx), "n_validation": len(val_idx),
-                    "n_genes": len(self.var_names), "hparams": dict(self.hparams)}
-            plan = CheckpointPlan(Path(checkpoint_dir), checkpoint_every, run)
-            resume_from = read_checkpoint(plan.directory, run) if resume else None
-        generator = torch.Generator().manual_seed(seed)
         try:
-            with seeded(seed, self.device):
-                history = fit(self.module, train_data, val_data, config, generator=generator,
-                              first_epoch=len(self.history), checkpoint=plan,
-                              resume_from=resume_from)
+            history = train_module(self.module, counts, codes, request,
+                                   hparams=self.hparams, first_epoch=len(self.history))
         except TrainingDiverged as err:
             self.history = self.history.concat(err.history)
             self.is_trained = len(err.history) > 0
@@ -283,45 +283,445 @@ class OmicVAE:
         self.history = self.history.concat(history)
         self.is_trained = True
         with steady_heap():  # its chunks, like training steps, reuse freed memory
-            self._diagnose()
+            self.diagnostics = self.get_latent_diagnostics()
+        msg = collapse_message(self.diagnostics)
+        if msg is not None:
+            warnings.warn(msg, UserWarning, stacklevel=2)
         if history.interrupted:
-            msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {max_epochs} epochs; "
+            planned = request.max_epochs or default_max_epochs(counts.shape[0])
+            msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {planned} epochs; "
                    "the model keeps what it learned so far and model.history the completed "
                    "epochs.")
             warnings.warn(msg, UserWarning, stacklevel=2)
         return self.history
 
     # ------------------------------------------------------------------ outputs
-    def _chunks(self, data: CountTensors, n_samples: int = 1, batch_size: int | None = None):
-        if batch_size is None:
-            batch_size = chunk_rows(data.device, n_samples * data.n_genes)
-        with steady_heap():  # each chunk reuses the memory the last one freed
-            yield from data.batches(batch_size, shuffle=False)
+    @torch.inference_mode()
+    def get_latent_representation(
+        self, adata: AnnData | None = None, *, give_mean: bool = True, seed: int = 0,
+    ) -> np.ndarray:
+        """Latent coordinates of each cell.
 
-    # ------------------------------------------------------------ outputs, scores, self-report
-    # One class and no mixins: these methods are written by topic in sibling files and bound
-    # here. model/_outputs.py: latents, expression, likelihoods, posterior predictive draws.
-    get_latent_representation = _outputs.get_latent_representation
-    get_normalized_expression = _outputs.get_normalized_expression
-    get_marginal_ll = _outputs.get_marginal_ll
-    get_elbo = _outputs.get_elbo
-    posterior_predictive_sample = _outputs.posterior_predictive_sample
-    _latent = _outputs._latent
-    _expression = _outputs._expression
-    _evaluate = _outputs._evaluate
-    # model/_results.py: anomaly and doublet scores, and the writer of every output
-    get_anomaly_score = _results.get_anomaly_score
-    get_doublet_score = _results.get_doublet_score
-    write_results = _results.write_results
-    _compute_results = _results.compute_results
-    _anomaly = _results._anomaly
-    _doublets = _results._doublets
-    # model/_introspection.py: collapse diagnostics, refinement, generation
-    get_latent_diagnostics = _introspection.get_latent_diagnostics
-    refine_latent = _introspection.refine_latent
-    sample = _introspection.sample
-    posterior_predictive_check = _introspection.posterior_predictive_check
-    _diagnose = _introspection._diagnose
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        give_mean
+            The posterior mean (default), or one draw from q(z|x).
+        seed
+            Seeds the draw when ``give_mean=False``.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32 array.
+        """
+        return _outputs.latent(self.module, self._tensors(adata), give_mean=give_mean,
+                               seed=seed)
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self, adata: AnnData | None = None, *, library_size: float | str = 1e4,
+        gene_list: list[str] | None = None, transform_batch: str | None = None,
+    ) -> np.ndarray:
+        """Denoised expression ``(n_cells, n_genes_selected)`` from the posterior mean.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        library_size
+            Scale each cell to this total (default 1e4, as ``sc.pp.normalize_total``), or
+            ``"observed"`` for the cell's own library size (denoised counts).
+        gene_list
+            Genes to return (default all); only these columns are ever materialized.
+        transform_batch
+            Decode every cell as if it came from this batch category (counterfactual expression).
+
+        Returns
+        -------
+        ``(n_cells, len(gene_list))`` float32 array, computed in chunks of cells.
+        """
+        cols = gene_columns(self.var_names, gene_list)
+        batch_code = batch_code_of(self.setup, transform_batch)
+        return _outputs.expression(self.module, self._tensors(adata), library_size, cols,
+                                   batch_code)
+
+    def get_marginal_ll(
+        self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
+    ) -> np.ndarray:
+        """Per-cell importance-weighted estimate of the marginal log-likelihood log p(x).
+
+        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, with the K
+        draws of each cell vectorized and cells processed in chunks.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_samples
+            K, importance samples per cell; the estimate tightens as K grows.
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array, nats (negative; higher is better).
+        """
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        return ev.log_likelihood.numpy()
+
+    def get_elbo(
+        self, adata: AnnData | None = None, *, n_samples: int = 10, seed: int = 0
+    ) -> np.ndarray:
+        """Per-cell evidence lower bound, E_q[log p(x|z)] - KL(q(z|x) || p(z)).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_samples
+            Draws from q(z|x) averaged for the reconstruction term.
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array, nats (higher is better; -(rate + distortion)).
+        """
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        return -(ev.distortion + ev.rate).numpy()
+
+    def get_rate_distortion(
+        self, adata: AnnData | None = None, *, n_samples: int = 10, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-cell rate and distortion, the two terms of the negative ELBO.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was
+            built on).
+        n_samples
+            Draws from q(z|x) averaged for the distortion.
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(rate, distortion)``, each ``(n_cells,)`` float64, nats: KL(q(z|x) || N(0, I)) (what
+        the latent encodes) and E_q[-log p(x|z)] (what the reconstruction misses).
+        """
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        return ev.rate.numpy(), ev.distortion.numpy()
+
+    def posterior_predictive_sample(
+        self, adata: AnnData | None = None, *, gene_list: list[str] | None = None,
+        seed: int = 0,
+    ) -> sp.csr_matrix:
+        """One draw of counts from p(x | z) with z ~ q(z|x), at each cell's own library size.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        gene_list
+            Genes to return (default all).
+        seed
+            Seeds the draw; the same seed gives the same counts.
+
+        Returns
+        -------
+        ``(n_cells, n_genes_selected)`` CSR matrix of counts.
+        """
+        data = self._tensors(adata)
+        cols = torch.as_tensor(gene_columns(self.var_names, gene_list), device=self.device)
+        return _outputs.predictive_draw(self.module, data, cols, seed)
+
+    # ------------------------------------------------------------------ scores and results
+    def get_anomaly_score(
+        self, adata: AnnData | None = None, *, n_draws: int = ANOMALY_DRAWS,
+        n_samples: int = ANOMALY_SAMPLES, seed: int = 0,
+    ) -> np.ndarray:
+        """Per-cell anomaly score: how unexpected the cell is for a cell of its depth.
+
+        A raw log p(x) mostly follows sequencing depth: a deep cell has more counts to explain.
+        Here each cell's importance-weighted log p(x) is compared with log p(x~) of ``n_draws``
+        cells x~ the model generates itself (z ~ N(0, I)) at the same library size and
+        covariates: score = (mean log p(x~) - log p(x)) / sd(log p(x~)). Depth moves both sides
+        alike, so the score is in standard deviations of what the model expects at that depth;
+        it is high for cells the model cannot explain (types absent from training, damaged
+        cells, doublets) whether the misfit is in the counts or in an unusual latent state.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_draws
+            Generated cells per cell, at least 2 (they give the mean and spread).
+        n_samples
+            Importance samples per log p estimate (vectorized, cells in chunks).
+        seed
+            Seeds the draws.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array; higher is more anomalous.
+        """
+        return _results.anomaly(self.module, self._tensors(adata), n_draws, n_samples, seed)
+
+    def get_doublet_score(
+        self, adata: AnnData | None = None, *, expected_rate: float | None = None,
+        sim_ratio: float = 2.0, n_neighbors: int | None = None, library_weight: float = 1.0,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Per-cell doublet probability from doublets simulated out of the cells themselves.
+
+        Random pairs of cells of the same batch are combined into doublets by the model: the
+        equal mixture of the two cells' decoded expression at the summed observed library,
+        counts drawn from the fitted likelihood. Real and simulated cells pass through the same
+        encoder and decoder; in a PCA of the decoded log expression (covariate effects removed)
+        with the log library size as one more axis, a cell whose neighbourhood is rich in
+        simulated doublets is doublet-like. The share of
+        simulated doublets among the ``n_neighbors`` nearest neighbours becomes a posterior
+        probability with the prior ``expected_rate``.
+
+        Parameters
+        ----------
+        adata
+            The cells to score, as loaded together (doublets form within one loading);
+            default: the AnnData the model was built on.
+        expected_rate
+            Prior doublet rate; ``None``: 0.8% per 1,000 cells (10x Genomics), at most 25%.
+        sim_ratio
+            Simulated doublets per real cell.
+        n_neighbors
+            Neighbours per cell; ``None``: the square root of real plus simulated cells.
+        library_weight
+            Weight of the depth axis, in units of the mean spread of a principal component.
+            Simulated doublets carry the summed library of their two cells, so depth helps where
+            doublets are deeper than singlets (droplet data); 0 compares expression only.
+        seed
+            Seeds the pairing and the simulated counts.
+
+        Returns
+        -------
+        ``(n_cells,)`` float64 array of probabilities; higher is more doublet-like.
+        """
+        return _results.doublets(self.module, self._tensors(adata), expected_rate, seed,
+                                 sim_ratio=sim_ratio, n_neighbors=n_neighbors,
+                                 library_weight=library_weight)
+
+    def write_results(
+        self, adata: AnnData | None = None, *, key_added: str = "omicvae",
+        layers: bool = False, n_samples: int = LOG_LIKELIHOOD_SAMPLES, anomaly: bool = True,
+        contamination: float | None = None, n_mads: float = N_MADS, doublets: bool = True,
+        doublet_rate: float | None = None, seed: int = 0,
+    ) -> None:
+        """Write latents, per-cell scores, flags and parameters into ``adata`` (README table).
+
+        Adds ``obsm['X_<key>']``, ``obs['<key>_log_likelihood' | '_rate' | '_distortion']``,
+        with ``anomaly`` ``obs['<key>_anomaly_score' | '_is_anomaly']``, with ``doublets``
+        ``obs['<key>_doublet_score' | '_is_doublet']``, ``uns['<key>']`` (the posterior-collapse
+        diagnostics in ``uns['<key>']['latent_diagnostics']``) and, with
+        ``layers=True``, ``layers['<key>_denoised']``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        key_added
+            Prefix of every key written.
+        layers
+            Also write the denoised expression (expected counts at each cell's own depth).
+        n_samples
+            Posterior draws per cell for the log-likelihood, rate and distortion (the anomaly
+            score uses the defaults of :meth:`get_anomaly_score`).
+        anomaly
+            Score (:meth:`get_anomaly_score`) and flag anomalous cells.
+        contamination
+            Anomaly rule: ``None`` flags scores above median + ``n_mads`` x 1.4826 MAD (a robust
+            cutoff); a fraction flags that share of cells with the highest scores.
+        n_mads
+            Width of the robust cutoff, in robust standard deviations.
+        doublets
+            Score (:meth:`get_doublet_score`) and flag doublets.
+        doublet_rate
+            Doublet rule: flag this share of cells with the highest doublet scores (also the
+            prior of the score); ``None``: 0.8% per 1,000 cells loaded, at most 25%.
+        seed
+            Seeds the draws.
+        """
+        check_key_added(key_added)
+        adata = self.adata if adata is None else adata
+        options = ResultOptions(layers=layers, n_samples=n_samples, anomaly=anomaly,
+                                contamination=contamination, n_mads=n_mads, doublets=doublets,
+                                doublet_rate=doublet_rate, seed=seed)
+        write_results(adata, self.compute_results(adata, options), key_added=key_added)
+
+    def compute_results(self, adata: AnnData, options: ResultOptions | None = None) -> Results:
+        """What :meth:`write_results` writes, computed from ``adata`` and not yet written.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates.
+        options
+            What to compute (:class:`~omicvae_sc.model.ResultOptions`, the arguments of
+            :meth:`write_results`; default: its defaults).
+
+        Returns
+        -------
+        The results, for :func:`omicvae_sc.data.write_results`.
+        """
+        options = ResultOptions() if options is None else options
+        options.check()
+        return _results.compute_results(
+            self.module, self._tensors(adata), options, params=dict(self.hparams),
+            setup=self.setup.to_dict(), history=self.history.to_dict())
+
+    # ------------------------------------------------------------------ self-report
+    def get_latent_diagnostics(
+        self, adata: AnnData | None = None, *, n_cells: int = MI_CELLS, seed: int = 0,
+    ) -> LatentDiagnostics:
+        """Posterior-collapse diagnostics: per-dimension KL, active units and I(x; z).
+
+        A dimension d is active when the variance across cells of its posterior mean E_q[z_d]
+        exceeds 0.01. The mutual information between cells and latents under the aggregate
+        posterior q(z) is estimated by Monte Carlo, I = E_x[KL(q(z|x) || p(z))] - KL(q(z) || p(z)),
+        with q(z) the mixture of the posteriors of ``n_cells`` random cells (one draw per cell,
+        log q(z) by a chunked logsumexp over those cells; at most log ``n_cells``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_cells
+            Cells in the estimate of the mutual information (all cells count for the rest).
+        seed
+            Seeds the choice of cells and the draws.
+
+        Returns
+        -------
+        A frozen ``LatentDiagnostics`` (``kl_per_dim``, ``posterior_mean_variance``, ``active``,
+        ``n_active``, ``mutual_information``; ``to_dict()`` for h5ad). After :meth:`train` the
+        diagnostics of the training cells are also kept as ``model.diagnostics``.
+        """
+        check_count("n_cells", n_cells, minimum=2)
+        return latent_diagnostics(self.module, self._tensors(adata), n_cells=n_cells, seed=seed)
+
+    def refine_latent(
+        self, adata: AnnData | None = None, *, steps: int = 100, lr: float = 0.05,
+        n_samples: int = 8, seed: int = 0, key_added: str | None = None,
+    ) -> RefinedLatent:
+        """Semi-amortized inference: refine each cell's q(z|x) against its own ELBO.
+
+        Starting from the encoder's posterior mean and log variance, each cell's own Gaussian
+        posterior is optimized with Adam (``n_samples`` reparameterized draws per step, KL
+        analytic) while every weight of the model stays frozen and BatchNorm runs in eval
+        mode. The ELBO gain measures the amortization gap: what the shared encoder leaves on
+        the table for each cell. Cells are refined in chunks, independently.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        steps
+            Adam steps per cell, at least 1.
+        lr
+            Adam learning rate in latent units (positive).
+        n_samples
+            Draws per step for the reconstruction term of the ELBO.
+        seed
+            Seeds the draws (the scores before and after use the same draws).
+        key_added
+            Also write the refined posterior mean to ``adata.obsm[key_added]`` (``None``: write
+            nothing).
+
+        Returns
+        -------
+        A frozen ``RefinedLatent``: refined ``mean`` and ``var``, per-cell ``elbo_before`` /
+        ``elbo_after``, importance-weighted log p(x) with the encoder's and with the refined
+        posterior as proposal (``log_likelihood_before`` / ``_after``, K=100), and ``gain``.
+        """
+        check_refine_args(steps, lr, n_samples)
+        if key_added is not None:
+            check_key_added(key_added)
+        adata = self.adata if adata is None else adata
+        refined = refine_cells(self.module, self._tensors(adata), steps=steps, lr=lr,
+                               n_samples=n_samples, seed=seed)
+        if key_added is not None:
+            write_keys(adata, obsm={key_added: refined.mean})
+        return refined
+
+    @torch.inference_mode()
+    def sample(
+        self, n_cells: int, *, batch: str | None = None,
+        library_size: float | np.ndarray | None = None, seed: int = 0,
+    ) -> AnnData:
+        """Generate new cells from the prior: z ~ N(0, I), decoded, counts from the likelihood.
+
+        Each generated cell takes the library size and covariates of a training cell drawn at
+        random (with replacement, with ``seed``), so batches and depths come in the proportions
+        of the training data.
+
+        Parameters
+        ----------
+        n_cells
+            Cells to generate.
+        batch
+            Generate every cell in this batch (a category of the model's batch key), at the
+            library sizes of that batch's training cells; ``None``: batches as in training.
+        library_size
+            Library size of every cell, or one per cell (``None``: resampled training cells').
+        seed
+            Seeds the choice of training cells, z and the counts; same seed, same cells.
+
+        Returns
+        -------
+        A new AnnData ``(n_cells, n_genes)`` with the model's ``var_names``, counts (CSR) in
+        ``X`` and ``layers['counts']``, ``obs['library_size']`` (the library the decoder mean
+        was scaled to) and a column per covariate of the model (the batch key first).
+        """
+        check_count("n_cells", n_cells)
+        counts, codes = self._host_data(None)
+        return _generate.sample_cells(self.module, self.setup, self.var_names, counts, codes,
+                                      self.device, n_cells=n_cells, batch=batch,
+                                      library_size=library_size, seed=seed)
+
+    def posterior_predictive_check(
+        self, adata: AnnData | None = None, *, n_cells: int | None = None, seed: int = 0,
+    ) -> pd.DataFrame:
+        """Compare per-gene mean, variance and zero fraction of observed and generated cells.
+
+        For each observed cell one cell is generated from the prior, z ~ N(0, I), at the
+        observed cell's library size and covariates, so differences come from the model's
+        latent and likelihood rather than from depth or batch.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and covariates (default: the one the model was built on).
+        n_cells
+            Compare a random subset of this many cells (``None``: all).
+        seed
+            Seeds the subset and the generated cells.
+
+        Returns
+        -------
+        DataFrame indexed by gene with ``observed_<m>`` and ``generated_<m>`` for ``m`` in
+        ``mean``, ``variance``, ``zero_fraction``; ``df.attrs`` holds the mean absolute errors
+        over genes ``'zero_fraction_mae'``, ``'log_mean_mae'`` and ``'log_variance_mae'`` (of
+        log1p values) and ``'n_cells'``.
+        """
+        counts, codes = self._host_data(adata)
+        cells = None
+        if n_cells is not None:
+            check_count("n_cells", n_cells)
+            if n_cells < counts.shape[0]:
+                rng = np.random.default_rng(seed)
+                cells = np.sort(rng.choice(counts.shape[0], size=n_cells, replace=False))
+        data = CountTensors(counts, codes, self.device, cells=cells)
+        return _generate.posterior_predictive_check(self.module, data, self.var_names, seed)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
@@ -336,7 +736,10 @@ class OmicVAE:
         overwrite
             Replace an existing folder (the old model stays intact until the new one is complete).
         """
-        _io.save_model(self, Path(path), overwrite=overwrite)
+        record = {"hparams": self.hparams, "setup": self.setup.to_dict(),
+                  "var_names": self.var_names.tolist(), "is_trained": self.is_trained,
+                  "history": self.history.to_dict()}
+        _io.save_model(Path(path), self.module, record, overwrite=overwrite)
 
     @staticmethod
     def saved_var_names(path: str | Path) -> np.ndarray:
@@ -378,8 +781,8 @@ class OmicVAE:
         check_same_genes(np.asarray(meta["var_names"], dtype=str), adata.var_names,
                          subset=f"adata = adata[:, ov.OmicVAE.saved_var_names({str(path)!r})]"
                          ".copy()")
-        model = cls._from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
-                                **meta["hparams"])
+        model = cls.from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
+                               **meta["hparams"])
         model.module.load_state_dict(state)
         model.module.eval()
         model.history = History.from_dict(meta["history"])

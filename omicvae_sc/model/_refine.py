@@ -8,15 +8,12 @@ import numpy as np
 import torch
 
 from omicvae_sc.data import CountTensors
-from omicvae_sc.model._runtime import chunk_rows
-from omicvae_sc.module import VAE
+from omicvae_sc.module import VAE, Pass, chunk_rows
 from omicvae_sc.module._refine import refine_posterior
 
 EVAL_SAMPLES = 100
 """Draws that score each posterior before and after refinement (the same draws for both)."""
 
-CHUNK_ELEMENTS = 2**21
-"""Cells are refined in chunks of about this many numbers (cells x genes x n_samples)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ def refine_cells(
     module: VAE, data: CountTensors, *, steps: int, lr: float, n_samples: int, seed: int,
 ) -> RefinedLatent:
     """Refine every cell of ``data`` in chunks of cells, all cells of a chunk at once."""
-    chunk_size = chunk_rows(data.device, n_samples * data.n_genes, CHUNK_ELEMENTS)
+    chunk_size = chunk_rows(n_samples * data.n_genes, data.device, Pass.REFINEMENT)
     # separate streams: the scoring draws of every chunk do not depend on the number of steps
     generator = torch.Generator(device=data.device).manual_seed(seed)
     eval_generator = torch.Generator(device=data.device).manual_seed(seed + 1)

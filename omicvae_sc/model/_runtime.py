@@ -1,4 +1,4 @@
-"""Device choice, seeding and chunk size shared by the model's methods."""
+"""Device choice, precision, seeding and stage timing shared by the model's functions."""
 
 from __future__ import annotations
 
@@ -10,26 +10,6 @@ from collections.abc import Iterator
 import torch
 
 logger = logging.getLogger("omicvae_sc")
-
-CHUNK_ELEMENTS = 2**19
-"""Outputs (latents, expression, log p(x)) work on chunks of at most about this many numbers
-(cells x genes x samples): 2 MB of float32 per tensor stays in cache. On the project's 2-core
-CPU that made log p(x) with K=100 about 2.5x faster than chunks of 2**25 (a scratch timing on
-pbmc3k, see benchmarks/README.md)."""
-
-ACCELERATOR_CHUNK_ELEMENTS = 2**25
-"""The least chunk size on an accelerator (128 MiB of float32 per tensor): there the CPU's
-cache-sized chunks would give thousands of small kernel launches and host copies (latents of
-1M cells in 3,800 chunks, log p(x) with K=100 in chunks of 2 cells)."""
-
-
-def chunk_rows(device: torch.device, per_row: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows per chunk of outputs: about ``elements`` numbers on the CPU, at least
-    :data:`ACCELERATOR_CHUNK_ELEMENTS` elsewhere, and never fewer than 2 rows (BatchNorm)."""
-    if device.type != "cpu":
-        elements = max(elements, ACCELERATOR_CHUNK_ELEMENTS)
-    return max(2, elements // max(1, per_row))
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` means CUDA when present, else the CPU. A device this torch cannot use is a

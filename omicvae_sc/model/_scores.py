@@ -1,7 +1,7 @@
 """Per-cell anomaly and doublet scores of a fitted VAE, and the rules that turn scores into flags.
 
-Pure torch and numpy on :class:`~omicvae_sc.data.CountTensors`; the ``OmicVAE`` methods are thin
-wrappers around these functions.
+Pure torch and numpy on :class:`~omicvae_sc.data.CountTensors`; chunk sizes from the memory
+policy's ``Pass.SCORES``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import torch
 
 from omicvae_sc.data import CountTensors
 from omicvae_sc.model._pca import streamed_pca
-from omicvae_sc.module import VAE
-
-CHUNK_ELEMENTS = 2**25
-"""Work on chunks of cells holding at most about this many numbers (cells x genes x samples)."""
+from omicvae_sc.module import VAE, Pass, chunk_rows
 
 DOUBLETS_PER_THOUSAND_CELLS = 0.008
 """10x Genomics' rule of thumb: about 0.8% of cells are doublets per 1,000 cells loaded."""
@@ -31,8 +28,8 @@ ANOMALY_SAMPLES = 10
 """Importance samples per log p estimate of the anomaly score."""
 
 
-def _chunk_size(n_columns: int) -> int:
-    return max(2, CHUNK_ELEMENTS // max(1, n_columns))
+def _chunk_size(n_columns: int, device: torch.device) -> int:
+    return chunk_rows(n_columns, device, Pass.SCORES)
 
 
 # ---------------------------------------------------------------------------- anomaly
@@ -45,7 +42,7 @@ def anomaly_scores(
     (see :meth:`VAE.predictive_check`)."""
     out = []
     width = (n_draws + 1) * n_samples * data.n_genes
-    for x, codes in data.batches(_chunk_size(width), shuffle=False):
+    for x, codes in data.batches(_chunk_size(width, data.device), shuffle=False):
         check = module.predictive_check(x, codes, n_draws=n_draws, n_samples=n_samples)
         out.append(check.z_score)
     return torch.cat(out)
@@ -76,7 +73,7 @@ def _knn_fraction(real: torch.Tensor, sim: torch.Tensor, k: int) -> torch.Tensor
     excluded), ``(n_real,)``."""
     ref = torch.cat([real, sim])
     out = []
-    step = _chunk_size(len(ref))
+    step = _chunk_size(len(ref), ref.device)
     for lo in range(0, len(real), step):
         d = torch.cdist(real[lo:lo + step], ref)  # (chunk, n_real + n_sim)
         rows = torch.arange(len(d), device=d.device)
@@ -106,7 +103,7 @@ def doublet_scores(
        nearest neighbours, turned into a posterior probability with the prior
        ``expected_rate``, returned ``(n_cells,)``.
     """
-    step = _chunk_size(data.n_genes)
+    step = _chunk_size(data.n_genes, data.device)
     codes = data.codes  # (cells, n_covariates) or None, in cell order
     z, lib = [], []
     for x, c in data.batches(step, shuffle=False):

@@ -1,4 +1,13 @@
-"""Pure torch: likelihoods, network blocks and the VAE. No anndata, pandas or scipy.sparse here."""
+"""Pure torch: the mathematics, once. No anndata, pandas or scipy.sparse here.
+
+- :mod:`._likelihood`: the count likelihood (NB, ZINB, Poisson), per entry and per cell
+  (:mod:`._fused_nb` is its fused NB / ZINB sweep with the one hand-written backward);
+- :mod:`._objective`: the posterior, the ELBO and the importance-weighted bound;
+- :mod:`._nn`, :mod:`._vae`: the networks and the VAE (``inference``, ``generative``, ``loss``);
+- :mod:`._distributions`: the likelihoods as ``torch.distributions`` for draws;
+- :mod:`._refine`: per-cell refinement of the posterior;
+- :mod:`._memory`: the one memory policy for chunked passes.
+"""
 
 from omicvae_sc.module._distributions import (
     NegativeBinomial,
@@ -6,11 +15,20 @@ from omicvae_sc.module._distributions import (
     ZeroInflatedNegativeBinomial,
     make_count_distribution,
 )
+from omicvae_sc.module._likelihood import count_log_likelihood, log_prob
+from omicvae_sc.module._memory import Pass, chunk_rows
+from omicvae_sc.module._objective import (
+    ElboTerms,
+    Posterior,
+    elbo_terms,
+    importance_weighted_log_likelihood,
+)
 from omicvae_sc.module._vae import (
     DISPERSIONS,
     LIKELIHOODS,
     VAE,
     CellEvaluation,
+    CountParams,
     LossOutput,
     PredictiveCheck,
 )
@@ -20,10 +38,19 @@ __all__ = [
     "LIKELIHOODS",
     "VAE",
     "CellEvaluation",
+    "CountParams",
+    "ElboTerms",
     "LossOutput",
     "NegativeBinomial",
+    "Pass",
     "Poisson",
+    "Posterior",
     "PredictiveCheck",
     "ZeroInflatedNegativeBinomial",
+    "chunk_rows",
+    "count_log_likelihood",
+    "elbo_terms",
+    "importance_weighted_log_likelihood",
+    "log_prob",
     "make_count_distribution",
 ]

@@ -1,8 +1,8 @@
 """Count likelihoods (NB, ZINB, Poisson) as ``torch.distributions.Distribution`` objects.
 
-Every ``log_prob`` is computed in log space; the zero-inflation enters as logits through
-``softplus`` so that neither probabilities nor gradients underflow. NB and ZINB ``log_prob``
-use the hand-written gradients of :mod:`omicvae_sc.module._nb_kernel`.
+Every ``log_prob`` is :func:`omicvae_sc.module._likelihood.log_prob`, the package's one
+count likelihood, in log space; the zero-inflation enters as logits through ``softplus`` so
+that neither probabilities nor gradients underflow.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from torch.distributions import Distribution, Gamma, constraints
 from torch.distributions.constraints import Constraint
 from torch.distributions.utils import broadcast_all
 
-from omicvae_sc.module._fused import _log_factorial
-from omicvae_sc.module._nb_kernel import EPS, nb_log_prob
+from omicvae_sc.module._likelihood import log_prob
 
 __all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "make_count_distribution"]
 
@@ -96,7 +95,7 @@ class NegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return nb_log_prob(value, self.mu, self._theta_given)
+        return log_prob(value, self.mu, self._theta_given)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
@@ -156,7 +155,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return nb_log_prob(value, self.mu, self._theta_given, self.zi_logits)
+        return log_prob(value, self.mu, self._theta_given, self.zi_logits)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:
@@ -195,9 +194,7 @@ class Poisson(Distribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        with torch.no_grad():  # log x!: a table on the CPU, no wait for an accelerator
-            log_fact = _log_factorial(value)
-        return value * torch.log(self.rate + EPS) - self.rate - log_fact
+        return log_prob(value, self.rate)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> torch.Tensor:

@@ -136,8 +136,16 @@ class CountDecoder(nn.Module):
     ):
         super().__init__()
         self.body = MLP(n_latent, n_hidden, n_cov=n_cov, n_layers=n_layers, dropout=0.0)
-        self.scale = Linear(n_hidden, n_genes)
+        self.fraction_logits = Linear(n_hidden, n_genes)  # softmax: expression fractions
         self.zi_logits = Linear(n_hidden, n_genes) if zero_inflated else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the head was named fraction_logits called it "scale"
+        for name in ("weight", "bias"):
+            old = f"{prefix}scale.{name}"
+            if old in state_dict:
+                state_dict[f"{prefix}fraction_logits.{name}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(
         self, z: torch.Tensor, cov: torch.Tensor | None, *, keep_dtype: bool = False,
@@ -146,7 +154,7 @@ class CountDecoder(nn.Module):
         with ``keep_dtype``, in the heads' compute dtype (see :class:`Linear`)."""
         h = self.body(z, cov)  # (..., hidden)
         zi = None if self.zi_logits is None else self.zi_logits(h, keep_dtype=keep_dtype)
-        return self.scale(h, keep_dtype=keep_dtype), zi
+        return self.fraction_logits(h, keep_dtype=keep_dtype), zi
 
     def forward(
         self, z: torch.Tensor, cov: torch.Tensor | None

@@ -8,11 +8,15 @@ never moves another and the weights are bitwise unchanged afterwards.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from omicvae_sc.module._objective import (
+    Posterior,
+    elbo_terms,
+    importance_weighted_log_likelihood,
+)
 from omicvae_sc.module._vae import VAE
 
 
@@ -44,21 +48,13 @@ def score_posterior(
     posteriors compares them with common random numbers. The K draws go through the decoder
     ``block`` at a time, so memory stays at ``block x batch x genes``.
     """
-    std = var.sqrt()
-    library = x.sum(-1, keepdim=True)  # (batch, 1)
-    parts = []
+    posterior = Posterior(mean, var)
     with torch.no_grad():
-        for lo in range(0, eps.shape[0], block):
-            z = mean + std * eps[lo:lo + block]  # (block, batch, latent)
-            parts.append(module.generative(z, library, codes).log_prob(x).sum(-1))
-    log_px_z = torch.cat(parts)  # (K, batch)
-    z = mean + std * eps
-    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-    log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi)).sum(-1) - torch.log(std).sum(-1)
-    log_w = log_px_z + log_pz - log_qz
+        log_px_z = torch.cat([module.log_px_z(x, posterior.sample(eps[lo:lo + block]), codes)
+                              for lo in range(0, eps.shape[0], block)])  # (K, batch)
     return PosteriorScore(
-        elbo=log_px_z.mean(0) - VAE.kl_to_prior(mean, var),
-        log_likelihood=torch.logsumexp(log_w, dim=0) - math.log(eps.shape[0]),
+        elbo=elbo_terms(log_px_z, posterior).elbo,
+        log_likelihood=importance_weighted_log_likelihood(log_px_z, posterior, eps),
     )
 
 
@@ -83,7 +79,6 @@ def refine_posterior(
                                generator=generator if eval_generator is None else eval_generator)
         with torch.no_grad():
             mean0, var0 = module.inference(x, codes)
-        library = x.sum(-1, keepdim=True)  # (batch, 1)
         loc = mean0.detach().clone().requires_grad_(True)
         log_var = torch.log(var0).detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([loc, log_var], lr=lr)
@@ -93,8 +88,8 @@ def refine_posterior(
                 eps = torch.randn((n_samples, *loc.shape), generator=generator,
                                   device=loc.device, dtype=loc.dtype)
                 z = loc + std * eps  # (n_samples, batch, latent)
-                log_px_z = module.generative(z, library, codes).log_prob(x).sum(-1)
-                neg_elbo = -log_px_z.mean(0) + VAE.kl_to_prior(loc, std.pow(2))  # (batch,)
+                terms = elbo_terms(module.log_px_z(x, z, codes), Posterior(loc, std.pow(2)))
+                neg_elbo = terms.distortion + terms.rate  # (batch,)
                 optimizer.zero_grad(set_to_none=True)
                 neg_elbo.sum().backward(inputs=[loc, log_var])  # module weights get no grad
                 optimizer.step()

@@ -1,4 +1,5 @@
-"""The count VAE: ``inference`` (q(z|x)), ``generative`` (p(x|z)) and ``loss`` (the negative ELBO).
+"""The count VAE: ``inference`` (the posterior q(z|x)), ``generative`` (the parameters of
+p(x|z)) and ``loss`` (the negative ELBO, built from both with :mod:`._objective`).
 
 Pure torch. Counts ``x`` are ``(batch, genes)`` float tensors of non-negative integers; ``codes``
 are ``(batch, n_covariates)`` integer codes of the categorical covariates (batch first, when
@@ -12,16 +13,53 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from omicvae_sc.module._distributions import make_count_distribution
-from omicvae_sc.module._fused import count_log_likelihood
+from omicvae_sc.module._likelihood import count_log_likelihood
 from omicvae_sc.module._nn import CountDecoder, GaussianEncoder, one_hot_covariates
+from omicvae_sc.module._objective import (
+    Posterior,
+    elbo_terms,
+    importance_weighted_log_likelihood,
+)
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
+
+
+class CountParams(NamedTuple):
+    """p(x | z): the likelihood's parameters for each row (a cell, or one draw of it).
+
+    The NB / ZINB / Poisson mean is ``softmax(logits) * library``; ``logits`` and
+    ``zi_logits`` may be in the decoder heads' low precision during training (read in float32).
+    """
+
+    likelihood: str  # "nb", "zinb" or "poisson"
+    logits: torch.Tensor  # (..., rows, genes) logits of the expression fractions
+    library: torch.Tensor  # (rows, 1) the exposure: the observed library size
+    theta: torch.Tensor | None  # (1 or rows, genes) inverse dispersion; None for Poisson
+    zi_logits: torch.Tensor | None  # (..., rows, genes) zero-inflation logits (ZINB)
+
+    def log_likelihood(
+        self, x: torch.Tensor, *, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+        repeats: int = 1,
+    ) -> torch.Tensor:
+        """log p(x | z) summed over genes, one value per row (2-D parameters): the package's
+        one likelihood, :func:`.count_log_likelihood`. With ``repeats`` = K the rows are K
+        blocks of ``x``'s cells; ``nonzero`` as there."""
+        return count_log_likelihood(x, self.logits, self.library, self.theta, self.zi_logits,
+                                    nonzero=nonzero, repeats=repeats)
+
+    def distribution(self) -> torch.distributions.Distribution:
+        """The count distribution of every entry, for draws and per-entry probabilities."""
+        dtype = self.library.dtype
+        mu = torch.softmax(self.logits.to(dtype), dim=-1) * self.library
+        zi = None if self.zi_logits is None else self.zi_logits.to(dtype)
+        return make_count_distribution(self.likelihood, mu, theta=self.theta, zi_logits=zi)
 
 
 @dataclass(frozen=True)
@@ -113,7 +151,7 @@ class VAE(nn.Module):
         """Inside the block, the gene-sized matrix products (the encoder's first layer, the
         decoder's output heads: nearly all the arithmetic) run in ``dtype``; ``None`` leaves
         them float32. Everything else, the likelihood included, stays float32."""
-        layers = [self.encoder.body.net[0], self.decoder.scale, self.decoder.zi_logits]
+        layers = [self.encoder.body.net[0], self.decoder.fraction_logits, self.decoder.zi_logits]
         layers = [layer for layer in layers if layer is not None]
         for layer in layers:
             layer.compute_dtype = dtype
@@ -132,20 +170,19 @@ class VAE(nn.Module):
         return self.likelihood != "poisson" and device.type == "cpu"
 
     # ------------------------------------------------------------------ model
-    def inference(
-        self, x: torch.Tensor, codes: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(z | x), each ``(batch, n_latent)``."""
+    def inference(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> Posterior:
+        """The posterior q(z | x), a :class:`~._objective.Posterior` of ``(batch, n_latent)``
+        means and variances."""
         cov = one_hot_covariates(codes, self.n_categories) if self.encode_covariates else None
-        return self.encoder(x, cov)
+        return Posterior(*self.encoder(x, cov))
 
     def generative(
         self, z: torch.Tensor, library: torch.Tensor, codes: torch.Tensor | None = None
-    ) -> torch.distributions.Distribution:
-        """p(x | z) with mean ``softmax(scale) * library``.
+    ) -> CountParams:
+        """The parameters of p(x | z) with mean ``softmax(logits) * library``.
 
         ``z`` is ``(..., batch, n_latent)`` (leading sample dimensions allowed), ``library`` is
-        ``(batch, 1)``; the returned distribution has batch shape ``(..., batch, genes)``.
+        ``(batch, 1)`` and ``codes`` ``(batch, n_covariates)``.
         """
         lead = z.shape[:-2]
         n_cells = z.shape[-2]
@@ -153,13 +190,13 @@ class VAE(nn.Module):
         cov = one_hot_covariates(codes, self.n_categories)
         if cov is not None and lead:
             cov = cov.repeat(math.prod(lead), 1)
-        scale, zi = self.decoder(flat, cov)
-        scale = scale.reshape(*lead, n_cells, -1)  # (..., batch, genes)
-        mu = scale * library
-        theta = self._theta(codes)  # (batch or 1, genes)
+        # in the heads' compute dtype: the likelihood reads low-precision logits tile by tile
+        logits, zi = self.decoder.logits(flat, cov, keep_dtype=True)
+        logits = logits.reshape(*lead, n_cells, -1)  # (..., batch, genes)
         if zi is not None:
             zi = zi.reshape(*lead, n_cells, -1)
-        return make_count_distribution(self.likelihood, mu, theta=theta, zi_logits=zi)
+        theta = None if self.likelihood == "poisson" else self._theta(codes)
+        return CountParams(self.likelihood, logits, library, theta, zi)
 
     def _theta(self, codes: torch.Tensor | None) -> torch.Tensor:
         if self.dispersion == "gene-batch":
@@ -167,83 +204,56 @@ class VAE(nn.Module):
         return torch.exp(self.log_theta)  # (1, genes)
 
     def expression_fractions(self, z: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        """Decoder expression fractions ``softmax(scale)``, ``(batch, genes)``; rows sum to 1."""
+        """Decoder expression fractions ``softmax(logits)``, ``(batch, genes)``; rows sum to 1."""
         cov = one_hot_covariates(codes, self.n_categories)
         return self.decoder(z, cov)[0]
 
     def log_px_z(
-        self, x: torch.Tensor, z: torch.Tensor, library: torch.Tensor,
-        codes: torch.Tensor | None = None,
-        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None, repeats: int = 1,
+        self, x: torch.Tensor, z: torch.Tensor, codes: torch.Tensor | None = None, *,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """log p(x | z) summed over genes, ``(batch,)``, for 2-D ``z`` ``(batch, n_latent)``.
-
-        Equal to ``generative(z, library, codes).log_prob(x).sum(-1)``; NB and ZINB go through
-        the fused, chunked op of :mod:`omicvae_sc.module._fused`, which never builds the
-        distribution's ``(batch, genes)`` parameters; ``nonzero`` (``(rows, genes)`` of the
-        non-zero counts, when known) saves it searching for them. With ``repeats`` = K,
-        ``z``, ``library`` and ``codes`` hold K blocks of ``x``'s rows, each scored against
-        ``x`` (``x`` is not copied K times).
-        """
-        if self.likelihood == "poisson":
-            x = x.repeat(repeats, 1) if repeats > 1 else x
-            return self.generative(z, library, codes).log_prob(x).sum(-1)
-        # the fused op reads bfloat16 head outputs chunk by chunk in float32
-        logits, zi = self.decoder.logits(z, one_hot_covariates(codes, self.n_categories),
-                                         keep_dtype=True)
-        return count_log_likelihood(x, logits, library, self._theta(codes), zi, nonzero=nonzero,
-                                    repeats=repeats)
+        """log p(x | z_k) summed over genes for K latent draws of each cell: ``z`` is
+        ``(K, batch, n_latent)``, the result ``(K, batch)``. The K draws go through the
+        decoder side by side and are scored against ``x`` without copying it K times;
+        ``nonzero`` (``(rows, genes)`` of the non-zero counts of ``x``) saves a search."""
+        n_samples, n_cells = z.shape[:2]
+        library = x.sum(-1, keepdim=True)  # (batch, 1) observed exposure
+        if n_samples > 1:
+            library = library.repeat(n_samples, 1)
+            codes = None if codes is None else codes.repeat(n_samples, 1)
+        params = self.generative(z.reshape(-1, z.shape[-1]), library, codes)
+        return params.log_likelihood(x, nonzero=nonzero, repeats=n_samples).reshape(
+            n_samples, n_cells)
 
     # ------------------------------------------------------------------ objective
-    @staticmethod
-    def kl_to_prior(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """KL(N(mean, var) || N(0, I)) summed over latent dimensions, ``(batch,)``."""
-        return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
-
     def loss(
         self, x: torch.Tensor, codes: torch.Tensor | None = None, *, kl_weight: float = 1.0,
         nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LossOutput:
-        """Negative ELBO with a weight on the KL term (beta), from one reparameterized sample.
+        """Negative ELBO with a weight on the KL term (beta), from one reparameterized draw.
 
         ``nonzero``: ``(rows, genes)`` of the non-zero counts of ``x``, when known.
         """
-        mean, var = self.inference(x, codes)
-        z = mean + var.sqrt() * torch.randn_like(mean)  # reparameterization trick
-        library = x.sum(-1, keepdim=True)  # (batch, 1) observed exposure
-        distortion = -self.log_px_z(x, z, library, codes, nonzero)  # (batch,)
-        rate = self.kl_to_prior(mean, var)  # (batch,)
-        loss = (distortion + kl_weight * rate).mean()
-        return LossOutput(loss=loss, distortion=distortion, rate=rate)
+        posterior = self.inference(x, codes)
+        z = posterior.sample(torch.randn_like(posterior.mean))  # reparameterization trick
+        terms = elbo_terms(self.log_px_z(x, z[None], codes, nonzero=nonzero), posterior)
+        return LossOutput(loss=terms.loss(kl_weight), distortion=terms.distortion,
+                          rate=terms.rate)
 
     @torch.no_grad()
     def evaluate(
         self, x: torch.Tensor, codes: torch.Tensor | None = None, *, n_samples: int = 100
     ) -> CellEvaluation:
-        """Importance-weighted log p(x) with ``n_samples`` draws from q(z|x), all in one pass.
-
-        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K.
-        """
-        mean, var = self.inference(x, codes)
-        std = var.sqrt()
-        eps = torch.randn((n_samples, *mean.shape), device=x.device, dtype=mean.dtype)
-        z = mean + std * eps  # (K, batch, latent)
-        library = x.sum(-1, keepdim=True)
-        # the K samples side by side as K * batch rows, through the fused per-cell likelihood
-        # (cache-sized chunks, lgamma at the non-zero counts only, x never copied K times),
-        # not K x batch x genes distribution parameters
-        rows = n_samples * x.shape[0]
-        log_px_z = self.log_px_z(
-            x, z.reshape(rows, -1), library.repeat(n_samples, 1),
-            None if codes is None else codes.repeat(n_samples, 1), repeats=n_samples,
-        ).reshape(n_samples, -1)  # (K, batch)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-        log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi)).sum(-1) - torch.log(std).sum(-1)
-        log_w = log_px_z + log_pz - log_qz
-        log_lik = torch.logsumexp(log_w, dim=0) - math.log(n_samples)
+        """Importance-weighted log p(x) with ``n_samples`` draws from q(z|x), all in one pass,
+        with the ELBO's distortion and rate from the same draws."""
+        posterior = self.inference(x, codes)
+        eps = torch.randn((n_samples, *posterior.mean.shape), device=x.device,
+                          dtype=posterior.mean.dtype)
+        log_px_z = self.log_px_z(x, posterior.sample(eps), codes)  # (K, batch)
+        terms = elbo_terms(log_px_z, posterior)
         return CellEvaluation(
-            log_likelihood=log_lik, distortion=-log_px_z.mean(0), rate=self.kl_to_prior(mean, var)
-        )
+            log_likelihood=importance_weighted_log_likelihood(log_px_z, posterior, eps),
+            distortion=terms.distortion, rate=terms.rate)
 
     @torch.no_grad()
     def predictive_check(
@@ -260,7 +270,8 @@ class VAE(nn.Module):
         """
         observed = self.evaluate(x, codes, n_samples=n_samples).log_likelihood  # (batch,)
         z = torch.randn((n_draws, x.shape[0], self.n_latent), device=x.device)
-        fake = self.generative(z, x.sum(-1, keepdim=True), codes).sample()  # (M, batch, genes)
+        library = x.sum(-1, keepdim=True)
+        fake = self.generative(z, library, codes).distribution().sample()  # (M, batch, genes)
         fake_codes = None if codes is None else codes.repeat(n_draws, 1)
         generated = self.evaluate(fake.reshape(-1, x.shape[-1]), fake_codes,
                                   n_samples=n_samples).log_likelihood.reshape(n_draws, -1)

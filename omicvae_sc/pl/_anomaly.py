@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.data import ResultsRecord, obs_key
 from omicvae_sc.pl._utils import finish
 
 KINDS = ("anomaly", "doublet")
@@ -59,8 +60,10 @@ def anomaly(
     if kind not in KINDS:
         msg = f"kind={kind!r} is not one of {list(KINDS)}."
         raise ValueError(msg)
-    score_key, flag_key = f"{key}_{kind}_score", f"{key}_is_{kind}"
-    rule = adata.uns.get(key, {}).get(kind)
+    score_key, flag_key = obs_key(key, f"{kind}_score"), obs_key(key, f"is_{kind}")
+    rule = None
+    if isinstance(adata.uns.get(key), dict) and "history" in adata.uns[key]:
+        rule = ResultsRecord.read(adata, key).flag_rule(kind)
     if score_key not in adata.obs or flag_key not in adata.obs or rule is None:
         msg = (f"adata holds no {kind} results under key {key!r} (obs[{score_key!r}], "
                f"obs[{flag_key!r}], uns[{key!r}][{kind!r}]); run ov.tl.omicvae(adata, "

@@ -6,7 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
-from omicvae_sc.model._diagnostics import LatentDiagnostics
+from omicvae_sc.data import ResultsRecord
+from omicvae_sc.model import LatentDiagnostics
 from omicvae_sc.pl._utils import finish
 
 
@@ -15,11 +16,12 @@ def _diagnostics_of(source, key: str) -> LatentDiagnostics:
         return source
     if isinstance(source, AnnData):
         entry = source.uns.get(key)
-        if not isinstance(entry, dict) or "latent_diagnostics" not in entry:
+        record = ResultsRecord.from_uns(entry) if isinstance(entry, dict) else None
+        if record is None or record.latent_diagnostics is None:
             msg = (f"adata.uns[{key!r}] holds no 'latent_diagnostics'; run "
                    "ov.tl.omicvae(adata) (or model.write_results(adata)) first.")
             raise KeyError(msg)
-        return LatentDiagnostics.from_dict(entry["latent_diagnostics"])
+        return LatentDiagnostics.from_dict(record.latent_diagnostics)
     if hasattr(source, "get_latent_diagnostics"):
         stored = getattr(source, "diagnostics", None)
         return stored if stored is not None else source.get_latent_diagnostics()

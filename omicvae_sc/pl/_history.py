@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.data import ResultsRecord
 from omicvae_sc.pl._utils import finish
 from omicvae_sc.train import History
 
@@ -17,7 +18,7 @@ def _history_of(source) -> History:
         for key in ("omicvae", *source.uns.keys()):
             entry = source.uns.get(key)
             if isinstance(entry, dict) and "history" in entry:
-                return History.from_dict(entry["history"])
+                return History.from_dict(ResultsRecord.from_uns(entry).history)
         msg = "adata.uns holds no omicvae history; run ov.tl.omicvae(adata) first."
         raise KeyError(msg)
     if hasattr(source, "history"):
@@ -46,7 +47,7 @@ def training_history(source, *, key: str | None = None, show: bool | None = None
     The matplotlib figure.
     """
     if key is not None and isinstance(source, AnnData):
-        source = History.from_dict(source.uns[key]["history"])
+        source = History.from_dict(ResultsRecord.read(source, key).history)
     h = _history_of(source)
     if len(h) == 0:
         msg = "The history is empty: train the model first."

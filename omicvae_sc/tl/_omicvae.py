@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from anndata import AnnData
 
 from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
-from omicvae_sc.model import OmicVAE
-from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS
-from omicvae_sc.model._runtime import stage
-from omicvae_sc.model._scores import check_rate
+from omicvae_sc.model import OmicVAE, ResultOptions, check_rate, stage
 
 
 def omicvae(
@@ -22,7 +21,7 @@ def omicvae(
     anomaly: bool = True, contamination: float | None = None, doublets: bool = True,
     doublet_rate: float | None = None, n_top_genes: int | None = None, progress_bar: bool = True,
     model_kwargs: dict | None = None, train_kwargs: dict | None = None,
-    allow_non_integer: bool = False, copy: bool = False,
+    allow_non_integer: bool = False, save_model: str | Path | None = None, copy: bool = False,
 ) -> AnnData | None:
     """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
 
@@ -72,10 +71,14 @@ def omicvae(
     progress_bar
         Show the training progress bar.
     model_kwargs, train_kwargs
-        Further arguments of :class:`OmicVAE` and :meth:`OmicVAE.train`.
+        Further arguments of :class:`~omicvae_sc.OmicVAE` and
+        :meth:`~omicvae_sc.OmicVAE.train`.
     allow_non_integer
         Accept non-integer values with a warning instead of an error (the NB/ZINB likelihood
         is then an approximation).
+    save_model
+        Also save the trained model into this new folder (:meth:`~omicvae_sc.OmicVAE.save`);
+        an existing path is an error raised before training.
     copy
         Work on and return a copy instead of writing into ``adata``.
 
@@ -115,6 +118,9 @@ def omicvae(
     check_rate("contamination", contamination)
     check_rate("doublet_rate", doublet_rate)
     check_n_top_genes(n_top_genes)
+    if save_model is not None and Path(save_model).exists():
+        msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
+        raise FileExistsError(msg)
     given = {"model_kwargs": (model_kwargs, {"n_latent", "likelihood", "seed", "device"}),
              "train_kwargs": (train_kwargs, {"max_epochs", "seed", "progress_bar"})}
     for name, (kwargs, own) in given.items():
@@ -131,9 +137,11 @@ def omicvae(
     with stage("training"):
         model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
     target = adata.copy() if copy else adata
-    write_back(model, target, genes, key_added=key_added, layers=layers, anomaly=anomaly,
-               contamination=contamination, doublets=doublets, doublet_rate=doublet_rate,
-               seed=seed)
+    options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
+                            doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+    write_back(model, target, genes, options, key_added=key_added)
+    if save_model is not None:
+        model.save(save_model)
     return target if copy else None
 
 
@@ -148,21 +156,16 @@ def prepare(adata: AnnData, *, layer: str | None, batch_key: str | None,
     setup = build_setup(fitted, layer=layer, batch_key=batch_key,
                         categorical_covariate_keys=categorical_covariate_keys,
                         allow_non_integer=allow_non_integer)
-    return OmicVAE._from_setup(fitted, setup, device=device, **hparams), genes
+    return OmicVAE.from_setup(fitted, setup, device=device, **hparams), genes
 
 
-def write_back(model: OmicVAE, adata: AnnData, genes: np.ndarray | None, *, key_added: str,
-               layers: bool, anomaly: bool, contamination: float | None, doublets: bool,
-               doublet_rate: float | None, seed: int) -> None:
+def write_back(model: OmicVAE, adata: AnnData, genes: np.ndarray | None,
+               options: ResultOptions, *, key_added: str) -> None:
     """Compute the trained model's results on ``adata``'s cells (on the model's genes) and
     write them into ``adata``, which may hold more genes than the model (``genes``)."""
     fitted = adata if genes is None else adata[:, genes]
-    results = model._compute_results(
-        fitted, layers=layers, n_samples=LOG_LIKELIHOOD_SAMPLES, anomaly=anomaly,
-        contamination=contamination, n_mads=N_MADS, doublets=doublets,
-        doublet_rate=doublet_rate, seed=seed)
+    results = model.compute_results(fitted, options)
     if genes is not None:
         results = results.on_genes(genes)
-        results.uns["params"]["n_top_genes"] = int(genes.sum())
     with stage("write-back"):
         _data.write_results(adata, results, key_added=key_added)

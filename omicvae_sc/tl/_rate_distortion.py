@@ -17,8 +17,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from omicvae_sc.data import build_setup, check_key_added, write_uns
-from omicvae_sc.model import OmicVAE
-from omicvae_sc.model._checks import validation_split
+from omicvae_sc.model import OmicVAE, validation_split
 
 DEFAULT_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -117,7 +116,8 @@ def rate_distortion(
     device
         ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     model_kwargs, train_kwargs
-        Further arguments of :class:`OmicVAE` and :meth:`OmicVAE.train` (not ``beta``).
+        Further arguments of :class:`~omicvae_sc.OmicVAE` and
+        :meth:`~omicvae_sc.OmicVAE.train` (not ``beta``).
     key_added
         ``adata.uns`` key of the frontier.
     progress_bar
@@ -145,17 +145,17 @@ def rate_distortion(
     parts = {"train": adata[train_idx], "held_out": adata[held_out]}  # read only: views
     found: dict[str, list[float]] = {}
     for beta in tqdm(betas, disable=not progress_bar, desc="betas"):
-        model = OmicVAE._from_setup(adata, setup, device=device, seed=seed,
-                                    **(model_kwargs or {}))
+        model = OmicVAE.from_setup(adata, setup, device=device, seed=seed,
+                                   **(model_kwargs or {}))
         # every beta gets the same number of epochs: early stopping would end each model at a
         # different point of its optimization and blur the frontier (train_kwargs may turn it on)
         model.train(max_epochs, beta=float(beta), validation_fraction=validation_fraction,
                     seed=seed, progress_bar=False,
                     **({"early_stopping": False} | (train_kwargs or {})))
         for name, cells in parts.items():
-            ev = model._evaluate(model._tensors(cells), n_samples, seed)
-            found.setdefault(f"{name}_rate", []).append(float(ev.rate.mean()))
-            found.setdefault(f"{name}_distortion", []).append(float(ev.distortion.mean()))
+            rate, distortion = model.get_rate_distortion(cells, n_samples=n_samples, seed=seed)
+            found.setdefault(f"{name}_rate", []).append(float(rate.mean()))
+            found.setdefault(f"{name}_distortion", []).append(float(distortion.mean()))
     frontier = RateDistortionFrontier(
         beta=betas, rate=np.asarray(found["train_rate"]),
         distortion=np.asarray(found["train_distortion"]),

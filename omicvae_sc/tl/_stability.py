@@ -129,7 +129,8 @@ def latent_stability(
     device
         ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     model_kwargs, train_kwargs
-        Further arguments of :class:`OmicVAE` and :meth:`OmicVAE.train` (not ``seed``).
+        Further arguments of :class:`~omicvae_sc.OmicVAE` and
+        :meth:`~omicvae_sc.OmicVAE.train` (not ``seed``).
     key_added
         Key of the per-cell values in ``obs`` and of the summary in ``uns``.
     progress_bar
@@ -165,8 +166,8 @@ def latent_stability(
     setup = build_setup(adata, layer=layer, batch_key=batch_key)
     latents = {}
     for seed in seeds:
-        model = OmicVAE._from_setup(adata, setup, device=device, seed=seed,
-                                    **(model_kwargs or {}))
+        model = OmicVAE.from_setup(adata, setup, device=device, seed=seed,
+                                   **(model_kwargs or {}))
         model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
         latents[seed] = model.get_latent_representation(adata)
     result = compare_latents(latents, n_neighbors=n_neighbors)

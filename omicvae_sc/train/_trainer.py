@@ -180,6 +180,23 @@ def train_step(module: VAE, optimizer: torch.optim.Optimizer, guard: _FiniteGuar
     return out
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed through one call of :func:`fit`: the model, data and optimizer."""
+
+    module: VAE
+    train_data: Minibatches
+    validation_data: Minibatches | None
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer
+    guard: _FiniteGuard
+    generator: torch.Generator
+    total_steps: int
+    first_epoch: int
+    bar: tqdm
+    graphed: GraphedStep | None = None
+
+
 @dataclass
 class _Progress:
     """What the loop has done so far: all a checkpoint needs besides weights and random state."""
@@ -260,12 +277,12 @@ def fit(
     stopped_early = interrupted = False
     bar = tqdm(range(progress.epoch, config.max_epochs), disable=not config.progress_bar,
                desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
+    run = _Run(module, train_data, validation_data, config, optimizer, guard, generator,
+               total_steps, first_epoch, bar, graphed)
     try:
         with steady_heap():  # freed step memory stays for the next step (train/_heap.py)
             for epoch in bar:
-                stopped_early = _run_epoch(module, train_data, validation_data, config,
-                                           optimizer, guard, generator, progress, epoch,
-                                           total_steps, first_epoch, bar, graphed)
+                stopped_early = _run_epoch(run, progress, epoch)
                 if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
                     write_checkpoint(checkpoint.directory, _checkpoint_state(
                         progress, module, optimizer, generator, checkpoint, first_epoch))
@@ -296,36 +313,36 @@ def _ending(progress: _Progress, config: TrainConfig, stopped_early: bool) -> st
             f"ELBO ({progress.best_elbo:.1f} nats/cell)")
 
 
-def _run_epoch(module, train_data, validation_data, config, optimizer, guard, generator,
-               progress: _Progress, epoch: int, total_steps: int, first_epoch: int, bar,
-               graphed: GraphedStep | None = None) -> bool:
+def _run_epoch(run: _Run, progress: _Progress, epoch: int) -> bool:
     """One epoch of training and validation, recorded in ``progress``; True to stop early."""
     t0 = time.perf_counter()
-    guard.start_epoch(train_data.n_batches(config.batch_size))
+    config, module = run.config, run.module
+    run.guard.start_epoch(run.train_data.n_batches(config.batch_size))
     sums, step, kl_weight = _epoch_sums(
-        module, train_data, config, train=True, optimizer=optimizer, step=progress.step,
-        total_steps=total_steps, generator=generator, guard=guard, graphed=graphed,
-    )
-    bad = guard.first_bad_step()
+        module, run.train_data, config, train=True, optimizer=run.optimizer,
+        step=progress.step, total_steps=run.total_steps, generator=run.generator,
+        guard=run.guard, graphed=run.graphed)
+    bad = run.guard.first_bad_step()
     if bad is not None:
         module.eval()
-        msg = (f"Training stopped: the loss became {bad[1]} at epoch {first_epoch + epoch}, "
+        msg = (f"Training stopped: the loss became {bad[1]} at epoch {run.first_epoch + epoch}, "
                f"step {bad[0]} of that epoch (optimizer step {progress.step + bad[0]}). The model "
                "keeps its weights from before that step, and its history the epochs before it. "
                "Lower lr, or check the counts for extreme values.")
-        raise TrainingDiverged(msg, progress.history(first_epoch))
+        raise TrainingDiverged(msg, progress.history(run.first_epoch))
     progress.step = step
-    distortion, rate = (sums / train_data.n_cells).tolist()  # one host sync per epoch
+    distortion, rate = (sums / run.train_data.n_cells).tolist()  # one host sync per epoch
     val = (float("nan"),) * 2
-    if validation_data is not None:
-        vsums, _, _ = _epoch_sums(module, validation_data, config, train=False, optimizer=None,
-                                  step=step, total_steps=total_steps, generator=generator)
-        val = tuple((vsums / validation_data.n_cells).tolist())
-    _append(progress.rows, first_epoch + epoch, distortion, rate, val, kl_weight,
+    if run.validation_data is not None:
+        vsums, _, _ = _epoch_sums(module, run.validation_data, config, train=False,
+                                  optimizer=None, step=step, total_steps=run.total_steps,
+                                  generator=run.generator)
+        val = tuple((vsums / run.validation_data.n_cells).tolist())
+    _append(progress.rows, run.first_epoch + epoch, distortion, rate, val, kl_weight,
             time.perf_counter() - t0)
     progress.epoch = epoch + 1
-    bar.set_postfix(elbo=f"{-(distortion + rate):.1f}", kl_weight=f"{kl_weight:.2f}")
-    if validation_data is None or not config.early_stopping:
+    run.bar.set_postfix(elbo=f"{-(distortion + rate):.1f}", kl_weight=f"{kl_weight:.2f}")
+    if run.validation_data is None or not config.early_stopping:
         return False
     val_elbo = -(val[0] + val[1])
     if val_elbo > progress.best_elbo:

@@ -1,0 +1,94 @@
+"""What ``OmicVAE.train`` does between checking its arguments and calling the training loop:
+split the cells, build the run's configuration and checkpoint plan, and run ``train.fit``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from omicvae_sc.data import CountTensors
+from omicvae_sc.model._checks import check_count, validation_split
+from omicvae_sc.model._runtime import resolve_precision, seeded
+from omicvae_sc.module import VAE
+from omicvae_sc.train import (
+    CheckpointPlan,
+    History,
+    TrainConfig,
+    default_max_epochs,
+    fit,
+    read_checkpoint,
+)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """The arguments of ``OmicVAE.train`` (see there for their meaning)."""
+
+    max_epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    warmup_fraction: float = 0.25
+    validation_fraction: float = 0.1
+    early_stopping: bool | None = None
+    patience: int = 25
+    seed: int = 0
+    progress_bar: bool = True
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    precision: str = "auto"
+    cuda_graphs: bool = False
+
+    def check(self, device: torch.device) -> None:
+        """Raise on arguments that cannot work, before anything is computed."""
+        if self.batch_size < 2:
+            msg = (f"batch_size must be at least 2 (BatchNorm cannot normalize one cell), got "
+                   f"{self.batch_size}.")
+            raise ValueError(msg)
+        check_count("checkpoint_every", self.checkpoint_every)
+        if self.resume and self.checkpoint_dir is None:
+            msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
+            raise ValueError(msg)
+        if self.cuda_graphs and device.type != "cuda":
+            msg = (f"cuda_graphs=True needs a CUDA device; this model is on "
+                   f"{device.type!r}. Leave cuda_graphs off on the CPU.")
+            raise ValueError(msg)
+
+
+def train_module(module: VAE, counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
+                 request: TrainRequest, *, hparams: dict, first_epoch: int) -> History:
+    """Train ``module`` in place on the validated ``counts`` and ``codes``; the history of
+    this call (``request`` checked by the caller). Raises ``TrainingDiverged`` as
+    :func:`omicvae_sc.train.fit` does."""
+    device = next(module.parameters()).device
+    n = counts.shape[0]
+    max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
+    train_idx, val_idx = validation_split(n, request.validation_fraction,
+                                          bool(request.early_stopping), request.seed)
+    early_stopping = len(val_idx) > 0 if request.early_stopping is None \
+        else request.early_stopping
+    config = TrainConfig(
+        max_epochs=max_epochs, batch_size=request.batch_size, lr=request.lr, beta=request.beta,
+        warmup_fraction=request.warmup_fraction, early_stopping=early_stopping,
+        patience=request.patience, progress_bar=request.progress_bar,
+        precision=resolve_precision(request.precision, device),
+        cuda_graphs=request.cuda_graphs)
+    train_data, val_data = (CountTensors(counts, codes, device, cells=idx) if len(idx) else None
+                            for idx in (train_idx, val_idx))
+    plan = resume_from = None
+    if request.checkpoint_dir is not None:
+        run = {k: v for k, v in vars(config).items()  # how it runs, not what it computes
+               if k not in ("progress_bar", "cuda_graphs")}
+        run |= {"seed": request.seed, "n_train": len(train_idx), "n_validation": len(val_idx),
+                "n_genes": counts.shape[1], "hparams": dict(hparams)}
+        plan = CheckpointPlan(Path(request.checkpoint_dir), request.checkpoint_every, run)
+        resume_from = read_checkpoint(plan.directory, run) if request.resume else None
+    generator = torch.Generator().manual_seed(request.seed)
+    with seeded(request.seed, device):
+        return fit(module, train_data, val_data, config, generator=generator,
+                   first_epoch=first_epoch, checkpoint=plan, resume_from=resume_from)
