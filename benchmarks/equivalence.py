@@ -15,6 +15,10 @@ Usage::
     python benchmarks/equivalence.py record after.npz       # on the new one
     python benchmarks/equivalence.py compare before.npz after.npz
 
+``record`` takes ``--likelihood``, ``--dispersion``, ``--data`` (a file of ../shared/data) and
+``--batch-key`` to cover the other likelihoods and batch covariates, e.g.
+``--data pbmc_3batch_10x_chemistries.h5ad --batch-key batch --dispersion gene-batch``.
+
 ``compare`` prints, per output, whether the arrays are bitwise equal and otherwise the largest
 absolute and relative difference.
 """
@@ -29,17 +33,17 @@ import anndata as ad
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc3k.h5ad"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_GENES = 2000
 EPOCHS = 30
 SEED = 0
 
 
-def record(out: Path) -> None:
+def record(out: Path, args: argparse.Namespace) -> None:
     import omicvae_sc as ov
 
     torch.set_num_threads(2)
-    adata = ad.read_h5ad(DATA)
+    adata = ad.read_h5ad(DATA / args.data)
     counts = np.asarray(adata.X.sum(0)).ravel()
     genes = np.sort(np.argsort(-counts, kind="stable")[:N_GENES])
     adata = adata[:, genes].copy()
@@ -47,10 +51,11 @@ def record(out: Path) -> None:
     held_out = np.zeros(adata.n_obs, dtype=bool)
     held_out[rng.choice(adata.n_obs, adata.n_obs // 10, replace=False)] = True
     train, test = adata[~held_out].copy(), adata[held_out].copy()
-    ov.OmicVAE.setup_anndata(train)
-    model = ov.OmicVAE(train, seed=SEED, device="cpu")
+    ov.OmicVAE.setup_anndata(train, batch_key=args.batch_key)
+    model = ov.OmicVAE(train, seed=SEED, device="cpu", likelihood=args.likelihood,
+                       dispersion=args.dispersion)
     history = model.train(EPOCHS, progress_bar=False, early_stopping=False)
-    ov.OmicVAE.setup_anndata(test)
+    ov.OmicVAE.setup_anndata(test, batch_key=args.batch_key)
     refined = model.refine_latent(test, steps=20, seed=SEED)
     arrays = {
         "train_elbo": np.asarray(history.train_elbo, dtype=np.float64),
@@ -94,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("out", type=Path)
+    rec.add_argument("--data", default="pbmc3k.h5ad", help="file in ../shared/data")
+    rec.add_argument("--batch-key", default=None)
+    rec.add_argument("--likelihood", default="zinb", choices=["zinb", "nb", "poisson"])
+    rec.add_argument("--dispersion", default="gene", choices=["gene", "gene-batch"])
     cmp_ = sub.add_parser("compare")
     cmp_.add_argument("before", type=Path)
     cmp_.add_argument("after", type=Path)
     args = parser.parse_args(argv)
     if args.command == "record":
-        record(args.out)
+        record(args.out, args)
         return 0
     return 1 if compare(args.before, args.after) else 0
 

@@ -200,7 +200,9 @@ class VAE(nn.Module):
 
     def _theta(self, codes: torch.Tensor | None) -> torch.Tensor:
         if self.dispersion == "gene-batch":
-            return torch.exp(self.log_theta[codes[:, 0]])  # (batch, genes)
+            # index_select, not log_theta[codes]: the backward of advanced indexing adds the
+            # cells' gradients in a thread-dependent order on the CPU (not reproducible)
+            return torch.exp(self.log_theta.index_select(0, codes[:, 0]))  # (batch, genes)
         return torch.exp(self.log_theta)  # (1, genes)
 
     def expression_fractions(self, z: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
