@@ -217,7 +217,7 @@ def as_cli_message(text: str) -> str:
         text = re.sub(rf"\b{name}=(?![\w'\"(\[{{])", flag, text)  # "layer= naming" (no value)
         text = re.sub(rf"\b{name}=", f"{flag} ", text)  # "n_top_genes=2000"
         text = text.replace(f"passed as {name}", f"passed as {flag}")
-        text = re.sub(rf"^{name} must", f"{flag} must", text)
+        text = re.sub(rf"^{name}\b", flag, text)  # "n_top_genes must", "save_model folder"
     return re.sub(r"\badata\.X\b", "X", text)
 
 

@@ -98,6 +98,20 @@ def test_fit_with_a_bad_doublet_rate_exits_2(counts_h5ad, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_fit_with_an_existing_model_folder_exits_2_before_training(counts_h5ad, tmp_path,
+                                                                    capsys):
+    out, folder = tmp_path / "out.h5ad", tmp_path / "model"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    before = counts_h5ad.read_bytes()
+    code = main(["fit", str(counts_h5ad), "-o", str(out), "--save-model", str(folder)])
+    assert code == 2
+    assert (f"omicvae-sc: error: --save-model folder {str(folder)!r} already exists; choose a "
+            "new one." in capsys.readouterr().err)
+    assert not out.exists() and counts_h5ad.read_bytes() == before
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
 def test_fit_with_a_missing_input_exits_2(tmp_path, capsys):
     code = main(["fit", str(tmp_path / "absent.h5ad"), "-o", str(tmp_path / "out.h5ad")])
     assert code == 2

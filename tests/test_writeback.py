@@ -104,6 +104,24 @@ def test_key_added_renames_every_key(layers, synthetic):
     assert not any("omicvae" in key for keys in added.values() for key in keys)
 
 
+def test_save_model_writes_a_model_that_loads_onto_the_results(synthetic, tmp_path):
+    adata = synthetic.copy()
+    _fit(adata, save_model=tmp_path / "model", anomaly=False, doublets=False)
+    model = ov.OmicVAE.load(tmp_path / "model", adata)
+    np.testing.assert_array_equal(model.get_latent_representation(), adata.obsm["X_omicvae"])
+
+
+def test_save_model_onto_an_existing_path_is_refused_before_training(synthetic, tmp_path,
+                                                                     adata_fingerprint):
+    (tmp_path / "model").mkdir()
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(FileExistsError, match=r"save_model folder '.*model' already exists; "
+                                              r"choose a new one"):
+        _fit(synthetic, save_model=tmp_path / "model")
+    assert adata_fingerprint(synthetic) == before
+    assert not any((tmp_path / "model").iterdir())
+
+
 def test_copy_returns_a_new_anndata_and_leaves_the_input_alone(synthetic, adata_fingerprint):
     before = adata_fingerprint(synthetic)
     out = _fit(synthetic, copy=True)
