@@ -125,9 +125,9 @@ def test_checks_in_small_blocks_still_find_a_late_bad_value(monkeypatch, fmt, ba
                                                             synthetic, adata_fingerprint):
     """The count checks run a block at a time (their temporaries stay small); a bad value in the
     last block is found and located all the same."""
-    from omicvae_sc.data import _validate
+    from omicvae_sc.module import _memory
 
-    monkeypatch.setattr(_validate, "CHECK_BLOCK", 7)
+    monkeypatch.setattr(_memory, "BUDGET", 4)  # blocks of 8 values (Pass.VALIDATION: 2 budgets)
     dense = _dense(synthetic)
     last = dense.shape[0] - 1
     dense[last, 3] = bad

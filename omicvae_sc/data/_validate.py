@@ -7,7 +7,12 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from anndata import AnnData
+
+from omicvae_sc.module import Pass, chunk_rows
+
+CPU = torch.device("cpu")  # the counts are checked on the host
 
 
 def check_anndata_object(adata: AnnData) -> None:
@@ -68,13 +73,11 @@ def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
     return str(adata.obs_names[row]), str(adata.var_names[col]), value
 
 
-CHECK_BLOCK = 2**20
-"""Values checked at a time: the checks' temporaries stay a few MiB, not the matrix's size."""
-
-
 def _any_in_blocks(values: np.ndarray, bad) -> bool:
-    """Whether ``bad(v)`` holds anywhere in ``values``, a block of rows (or values) at a time."""
-    step = max(1, CHECK_BLOCK // max(1, int(np.prod(values.shape[1:]))))
+    """Whether ``bad(v)`` holds anywhere in ``values``, a block of rows (or values) at a time
+    (the memory policy's ``Pass.VALIDATION``: the checks' temporaries stay a few MiB, not the
+    matrix's size)."""
+    step = chunk_rows(int(np.prod(values.shape[1:])), CPU, Pass.VALIDATION, least=1)
     return any(bool(bad(values[i:i + step]).any()) for i in range(0, values.shape[0], step))
 
 

@@ -37,6 +37,9 @@ class Pass(float, Enum):
     the whole minibatch."""
     OUTPUTS = 1.0
     """Latents, expression, log p(x), ELBO, predictive draws and generated cells."""
+    VALIDATION = 2.0
+    """The checks of the counts on the host (finite, non-negative, integer): their boolean
+    temporaries stay a few MiB, not the matrix's size."""
     PAIRWISE = 2.0
     """log q(z_i | x_j) over pairs of cells in the latent diagnostics, which run inside
     ``train()``, whose peak memory counts."""
