@@ -52,7 +52,7 @@ def get_counts(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
         return adata.X
     if layer not in adata.layers:
         msg = (
-            f"adata.layers has no layer {layer!r}; available layers: {list(adata.layers)}. "
+            f"adata.layers has no layer {layer!r}; available layers: {_layer_names(adata)}. "
             "Pass layer= naming the raw-count layer, or layer=None to use adata.X."
         )
         raise KeyError(msg)
@@ -71,6 +71,11 @@ def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
         row, col = (int(i) for i in np.argwhere(mask_values(arr))[0])
         value = float(arr[row, col])
     return str(adata.obs_names[row]), str(adata.var_names[col]), value
+
+
+def _layer_names(adata: AnnData) -> list[str]:
+    """The named layers (anndata 0.13 also lists ``None``, its alias for ``X``)."""
+    return [name for name in adata.layers if name is not None]
 
 
 def _any_in_blocks(values: np.ndarray, bad) -> bool:
