@@ -54,10 +54,6 @@ def _scipy_log_px(model: ov.OmicVAE, x: np.ndarray) -> np.ndarray:
     return logsumexp(log_w, axis=0) - np.log(K)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 26, item 3, open: the float32 likelihood is up to 0.044 nats off scipy on the cell "
-    "of > 50k UMIs and 0.011 on the cell with counts above 16,384 (the other 58 cells agree to "
-    "3e-4); remove this marker when the count-dependent terms are accurate"))
 @pytest.mark.parametrize("likelihood", ["nb", "zinb"])
 def test_marginal_ll_equals_a_scipy_recomputation(likelihood):
     adata = _deep_counts()
