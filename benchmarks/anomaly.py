@@ -9,6 +9,14 @@ Three cases, each scored by every method on the same cells in one run:
 3. ``pbmc3k-ood``: 20% of pbmc3k cells form the scored set; the model (and scvi-tools' SCVI for
    SOLO) trains on the other 80% without B cells; truth = the B cells of the scored set.
 
+4. ``<set>+5%`` for every labelled shared set (pbmc3k, pancreas, worm neurons, CellBench without
+   its demuxlet doublets): 5% artificial heterotypic doublets from ``_doublets.py`` (pairs of
+   differently labelled cells, within a batch, raw counts summed; seed 0); truth = those cells.
+
+With ``--peers-python`` (a venv holding pyscdblfinder and doubletdetection, see
+``_run_peers.py``), scDblFinder's Python port and DoubletDetection score the same cells on the
+same genes, per batch.
+
 Genes: in >= 3 cells, 2,000 Seurat HVGs on a log-normalized copy of the training cells.
 omicvae_sc trains with its defaults (``OmicVAE``, ZINB, early stopping); its doublet score
 (``get_doublet_score``) is the primary score for cases 1-2 and its anomaly score
@@ -91,8 +99,32 @@ def case_pbmc_ood(withheld: str = "B", fraction: float = 0.2, seed: int = 0) -> 
             "truth": types[scored] == withheld, "batch_key": None, "primary": "anomaly"}
 
 
+ARTIFICIAL = {  # every labelled shared set: file, label column, batch column
+    "pbmc3k": ("pbmc3k.h5ad", "cell_type", None),
+    "pancreas": ("bastidasponce2019_pancreas_endocrine_2000hvg.h5ad", "cell_type", None),
+    "worm": ("cao2017_worm_neuron_sciRNAseq.h5ad", "cell_type_code", None),
+    "cellbench": ("cellbench_3celllines_celseq2_dropseq.h5ad", "cell_line", "batch"),
+}
+"""Sets given 5% artificial heterotypic doublets by ``_doublets.heterotypic_doublets`` (seed 0;
+CellBench without its demuxlet doublets, pairs within a protocol)."""
+
+
+def case_artificial(name: str, rate: float = 0.05, seed: int = 0) -> dict:
+    from _doublets import heterotypic_doublets
+
+    file, label_key, batch_key = ARTIFICIAL[name]
+    a = ad.read_h5ad(data_path(file))
+    if "is_doublet_demuxlet" in a.obs:
+        a = a[~a.obs["is_doublet_demuxlet"].to_numpy().astype(bool)].copy()
+    b = heterotypic_doublets(a, label_key, rate=rate, seed=seed, batch_key=batch_key)
+    del b.uns["doublets"]["pairs"]
+    return {"train": b, "score": b, "truth": b.obs["is_doublet"].to_numpy(),
+            "batch_key": batch_key, "primary": "doublet"}
+
+
 CASES = {"cellbench": case_cellbench, "pbmc3k+dbl": case_pbmc_doublets,
-         "pbmc3k-ood": case_pbmc_ood}
+         "pbmc3k-ood": case_pbmc_ood,
+         **{f"{name}+5%": (lambda n=name: case_artificial(n)) for name in ARTIFICIAL}}
 
 
 # ---------------------------------------------------------------------------- methods
@@ -122,6 +154,17 @@ def run_scrublet(score: ad.AnnData, batch_key: str | None, seed: int) -> dict:
     start = time.perf_counter()
     sc.pp.scrublet(a, batch_key=batch_key, use_approx_neighbors=False, random_state=seed)
     return {"doublet": a.obs["doublet_score"].to_numpy(), "seconds": time.perf_counter() - start}
+
+
+def run_peers(score_path: Path, batch_key: str | None, seed: int, python: str,
+              out: Path) -> dict:
+    """pyscdblfinder and DoubletDetection in their own venv (``_run_peers.py``)."""
+    cmd = [python, str(HERE / "_run_peers.py"), "--score", str(score_path), "--out", str(out),
+           "--seed", str(seed)]
+    if batch_key is not None:
+        cmd += ["--batch-key", batch_key]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
 
 
 def run_solo(train_path: Path, score_path: Path, batch_key: str | None, seed: int,
@@ -161,6 +204,15 @@ def run_case(name: str, case: dict, args: argparse.Namespace, workdir: Path) -> 
     scr = run_scrublet(case["score"], case["batch_key"], args.seed)
     rows.append({"case": name, "method": "scrublet", "seconds": scr["seconds"],
                  **figures(truth, scr["doublet"], library)})
+    if args.peers_python:
+        peers = run_peers(paths["train" if same else "score"], case["batch_key"], args.seed,
+                          args.peers_python, workdir / f"{name}_peers.json")
+        for method, result in peers.items():
+            if "error" in result:
+                print(f"{name}: {method} failed:\n{result['error']}", file=sys.stderr)
+                continue
+            rows.append({"case": name, "method": method, "seconds": result["seconds"],
+                         **figures(truth, np.asarray(result["score"]), library)})
     if args.scvi_python:
         solo = run_solo(paths["train"], paths["train" if same else "score"], case["batch_key"],
                         args.seed, args.scvi_python, args.threads, workdir / f"{name}_solo.json")
@@ -179,6 +231,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scvi-python", default=os.environ.get("SCVI_PYTHON"),
                         help="python of the scvi-tools venv (SOLO is skipped without it)")
+    parser.add_argument("--peers-python", default=os.environ.get("PEERS_PYTHON"),
+                        help="python of the venv with pyscdblfinder and doubletdetection "
+                             "(skipped without it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     import torch
