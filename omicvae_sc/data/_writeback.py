@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from anndata import AnnData
 
-from omicvae_sc.data._schema import FIELDS, ResultsRecord, field
+from omicvae_sc.data._schema import ResultsRecord, field
 
 logger = logging.getLogger("omicvae_sc")
 
@@ -45,10 +45,8 @@ def output_keys(key_added: str, results: Results) -> dict[str, list[str]]:
     present = {"obsm": ["latent"], "obs": list(results.obs), "uns": [""],
                "layers": ["denoised"] if results.denoised is not None else [],
                "var": list(results.var)}
-    keys = {attribute: [field(attribute, suffix).name(key_added) for suffix in suffixes]
+    return {attribute: [field(attribute, suffix).name(key_added) for suffix in suffixes]
             for attribute, suffixes in present.items()}
-    assert all(any(f.attribute == a for f in FIELDS) for a in keys)
-    return keys
 
 
 def check_key_added(key_added: str) -> None:

@@ -72,10 +72,9 @@ class ResultOptions:
 
 def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
                     params: dict, setup: dict, history: dict) -> Results:
-    """What ``write_results`` writes, computed from the validated ``data``; ``params``,
-    ``setup`` and ``history`` describe the model. Each stage logs its seconds (logger
-    ``omicvae_sc``, level INFO)."""
-    options.check()
+    """What ``write_results`` writes, computed from the validated ``data`` with ``options``
+    checked by the caller (before the data are read); ``params``, ``setup`` and ``history``
+    describe the model. Each stage logs its seconds (logger ``omicvae_sc``, level INFO)."""
     seed = options.seed
     with stage("log-likelihood, rate and distortion"):
         ev = _outputs.evaluate(module, data, options.n_samples, seed)
