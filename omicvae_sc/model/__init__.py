@@ -9,7 +9,6 @@ from omicvae_sc.model._omicvae import OmicVAE
 from omicvae_sc.model._refine import RefinedLatent
 from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS, ResultOptions
 from omicvae_sc.model._runtime import stage
-from omicvae_sc.model._scores import check_rate
 
 __all__ = [
     "LOG_LIKELIHOOD_SAMPLES",
@@ -18,7 +17,6 @@ __all__ = [
     "OmicVAE",
     "RefinedLatent",
     "ResultOptions",
-    "check_rate",
     "stage",
     "validation_split",
 ]

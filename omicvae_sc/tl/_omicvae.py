@@ -10,7 +10,7 @@ from anndata import AnnData
 from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
-from omicvae_sc.model import OmicVAE, ResultOptions, check_rate, stage
+from omicvae_sc.model import OmicVAE, ResultOptions, stage
 
 
 def omicvae(
@@ -115,8 +115,9 @@ def omicvae(
         value, the threshold and the number of cells flagged.
     """
     check_key_added(key_added)
-    check_rate("contamination", contamination)
-    check_rate("doublet_rate", doublet_rate)
+    options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
+                            doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+    options.check()  # before training, as the rest of the input
     check_n_top_genes(n_top_genes)
     if save_model is not None and Path(save_model).exists():
         msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
@@ -137,8 +138,6 @@ def omicvae(
     with stage("training"):
         model.train(max_epochs, seed=seed, progress_bar=progress_bar, **(train_kwargs or {}))
     target = adata.copy() if copy else adata
-    options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
-                            doublets=doublets, doublet_rate=doublet_rate, seed=seed)
     write_back(model, target, genes, options, key_added=key_added)
     if save_model is not None:
         model.save(save_model)
