@@ -471,45 +471,47 @@ class OmicVAE:
 
     def get_doublet_score(
         self, adata: AnnData | None = None, *, expected_rate: float | None = None,
-        sim_ratio: float = 2.0, n_neighbors: int | None = None, library_weight: float = 1.0,
-        seed: int = 0,
+        sim_ratio: float = 1.0, n_repeats: int = 3, seed: int = 0,
     ) -> np.ndarray:
-        """Per-cell doublet probability from doublets simulated out of the cells themselves.
+        """Per-cell doublet probability from artificial doublets and a cross-validated classifier.
 
-        Random pairs of cells of the same batch are combined into doublets by the model: the
-        equal mixture of the two cells' decoded expression at the summed observed library,
-        counts drawn from the fitted likelihood. Real and simulated cells pass through the same
-        encoder and decoder; in a PCA of the decoded log expression (covariate effects removed)
-        with the log library size as one more axis, a cell whose neighbourhood is rich in
-        simulated doublets is doublet-like. The share of
-        simulated doublets among the ``n_neighbors`` nearest neighbours becomes a posterior
-        probability with the prior ``expected_rate``.
+        Artificial doublets are made by summing the raw counts of two cells of the same batch
+        from two different clusters of the model's latent. Every cell, real or artificial, is
+        described by features: how many artificial doublets are among its nearest neighbours (in
+        a PCA of the batch's log-normalized counts, at several neighbourhood sizes), how much
+        better a mixture of two clusters' decoded expression explains its counts than any one
+        cluster does (the model's mixture test), how many genes it detects for its depth, and
+        how much deeper than usual it is. A logistic regression learns to tell artificial
+        doublets from real cells in cross-validation, so that no cell is scored by a classifier
+        that saw it; cells it calls doublets in a first round are dropped from the singlets in
+        a second. The log odds, averaged over ``n_repeats`` sets of artificial doublets, become a
+        posterior probability with the prior ``expected_rate``. The details and the reasons
+        are in ``omicvae_sc.model._doublets``.
 
         Parameters
         ----------
         adata
-            The cells to score, as loaded together (doublets form within one loading);
-            default: the AnnData the model was built on.
+            The cells to score, as loaded together (doublets form within one loading; with a
+            ``batch_key`` at setup, within each batch); default: the AnnData the model was
+            built on.
         expected_rate
             Prior doublet rate; ``None``: 0.8% per 1,000 cells (10x Genomics), at most 25%.
+            Also the share of cells the first round drops from the singlets.
         sim_ratio
-            Simulated doublets per real cell.
-        n_neighbors
-            Neighbours per cell; ``None``: the square root of real plus simulated cells.
-        library_weight
-            Weight of the depth axis, in units of the mean spread of a principal component.
-            Simulated doublets carry the summed library of their two cells, so depth helps where
-            doublets are deeper than singlets (droplet data); 0 compares expression only.
+            Artificial doublets per real cell (at least 1,500 are made).
+        n_repeats
+            Independent sets of artificial doublets whose log odds are averaged; more repeats
+            give a steadier ranking and cost proportionally more time.
         seed
-            Seeds the pairing and the simulated counts.
+            Seeds the clusters, the pairing, the folds and the classifier.
 
         Returns
         -------
         ``(n_cells,)`` float64 array of probabilities; higher is more doublet-like.
         """
         return _results.doublets(self.module, self._tensors(adata), expected_rate, seed,
-                                 sim_ratio=sim_ratio, n_neighbors=n_neighbors,
-                                 library_weight=library_weight)
+                                 by_batch=self.setup.batch_key is not None,
+                                 sim_ratio=sim_ratio, n_repeats=n_repeats)
 
     def write_results(
         self, adata: AnnData | None = None, *, key_added: str = "omicvae",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omicvae_sc.data import CountTensors, Results, ResultsRecord
-from omicvae_sc.model import _diagnostics, _outputs, _scores
+from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
 from omicvae_sc.model._runtime import seeded, stage
 from omicvae_sc.module import VAE
@@ -31,22 +31,20 @@ def anomaly(module: VAE, data: CountTensors, n_draws: int, n_samples: int, seed:
 
 
 def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed: int, *,
-             sim_ratio: float = 2.0, n_neighbors: int | None = None,
-             library_weight: float = 1.0) -> np.ndarray:
+             by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3) -> np.ndarray:
     """Doublet probability per cell (see ``OmicVAE.get_doublet_score``), float64."""
     _scores.check_rate("expected_rate", expected_rate)
-    if not sim_ratio > 0 or (n_neighbors is not None and n_neighbors < 1) \
-            or not library_weight >= 0:
-        msg = (f"sim_ratio must be positive, n_neighbors a positive integer or None and "
-               f"library_weight non-negative; got sim_ratio={sim_ratio!r}, "
-               f"n_neighbors={n_neighbors!r}, library_weight={library_weight!r}.")
+    if not sim_ratio > 0:
+        msg = (f"sim_ratio must be positive (artificial doublets per cell), got "
+               f"sim_ratio={sim_ratio!r}.")
         raise ValueError(msg)
+    check_count("n_repeats", n_repeats)
     rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
         else expected_rate
+    settings = _doublets.DoubletSettings(expected_rate=rate, sim_ratio=sim_ratio,
+                                         n_repeats=n_repeats)
     with seeded(seed, data.device):
-        return _scores.doublet_scores(module, data, sim_ratio=sim_ratio,
-                                      n_neighbors=n_neighbors, expected_rate=rate,
-                                      library_weight=library_weight)
+        return _doublets.doublet_probability(module, data, settings, by_batch=by_batch)
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     if options.doublets:
         rate = options.doublet_rate or _scores.default_doublet_rate(data.n_cells)
         with stage("doublet scores"):
-            score = doublets(module, data, rate, seed)
+            score = doublets(module, data, rate, seed, by_batch="batch_key" in setup)
         flags = _scores.flag_top_fraction(score, rate)
         obs |= {"doublet_score": score, "is_doublet": flags.flagged}
         flag_rules["doublet"] = flags.to_dict()

@@ -279,22 +279,3 @@ class VAE(nn.Module):
                                   n_samples=n_samples).log_likelihood.reshape(n_draws, -1)
         return PredictiveCheck(observed=observed, generated=generated.mean(0),
                                spread=generated.std(0))
-
-    @torch.no_grad()
-    def sample_doublets(
-        self, z_a: torch.Tensor, z_b: torch.Tensor, library: torch.Tensor,
-        codes_a: torch.Tensor | None = None, codes_b: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Counts of simulated doublets of the cells with latents ``z_a`` and ``z_b``.
-
-        A doublet holds both cells' transcripts: its expression fractions are the equal mixture
-        of the two cells' decoded fractions, its library ``library`` ``(batch, 1)`` is given by
-        the caller (the sum of the two observed libraries), and its counts are drawn from the
-        count model without zero inflation (the extra zeros of a mixture are not known).
-        Returns ``(batch, genes)`` counts.
-        """
-        frac = 0.5 * (self.expression_fractions(z_a, codes_a)
-                      + self.expression_fractions(z_b, codes_b))  # (batch, genes)
-        likelihood = "poisson" if self.likelihood == "poisson" else "nb"
-        return make_count_distribution(likelihood, frac * library,
-                                       theta=self._theta(codes_a)).sample()
