@@ -19,16 +19,23 @@ same genes, per batch.
 
 Genes: in >= 3 cells, 2,000 Seurat HVGs on a log-normalized copy of the training cells.
 omicvae_sc trains with its defaults (``OmicVAE``, ZINB, early stopping); its doublet score
-(``get_doublet_score``) is the primary score for cases 1-2 and its anomaly score
+(``get_doublet_score``) is the primary score for cases 1, 2 and 4 and its anomaly score
 (``get_anomaly_score``) for case 3; both are printed for every case, with the raw
-importance-weighted -log p(x) (K=100) as the uncalibrated baseline. scrublet runs on the scored
-cells' raw counts, all genes (``sc.pp.scrublet``, per batch where there are batches). SOLO runs
-in the scvi-tools venv (``_run_solo.py``). Printed: AUPRC (average precision), AUROC, the
-Spearman correlation of each score with library size among truth-negative cells, and seconds.
+importance-weighted -log p(x) (K=100) as the uncalibrated baseline. After the rows, a summary
+gives every doublet method's AUPRC, AUROC and seconds per doublet case and their mean.
+scrublet runs on the scored cells' raw counts, all genes (``sc.pp.scrublet``, per batch where
+there are batches). SOLO runs in the scvi-tools venv (``_run_solo.py``). Printed: AUPRC
+(average precision), AUROC, the Spearman correlation of each score with library size among
+truth-negative cells, and seconds.
 
 Run from the project root in the dev venv (scikit-learn, scikit-image for scrublet)::
 
     python benchmarks/anomaly.py --scvi-python /work/venvs/scvi/bin/python
+
+Issue 26's table (every shared truth set and every artificial set, all peers)::
+
+    python benchmarks/anomaly.py --cases cellbench cellbench+5% pancreas+5% pbmc3k+5% worm+5% \
+        --peers-python /work/venvs/peers/bin/python --scvi-python /work/venvs/peers/bin/python
 """
 
 from __future__ import annotations
@@ -224,6 +231,21 @@ def run_case(name: str, case: dict, args: argparse.Namespace, workdir: Path) -> 
     return rows
 
 
+def summary(rows: list[dict]) -> str:
+    """AUPRC, AUROC and seconds of every doublet method on every doublet case (omicvae_sc's
+    doublet score, scrublet and the peers), one row per case and their mean."""
+    df = pd.DataFrame(rows)
+    df = df[~df["method"].str.startswith("omicvae_sc") | (df["method"] == "omicvae_sc doublet *")]
+    df = df[df["case"].isin(df.loc[df["method"] == "omicvae_sc doublet *", "case"])]
+    df["method"] = df["method"].replace({"omicvae_sc doublet *": "omicvae_sc"})
+    out = []
+    for figure in ("auprc", "auroc", "seconds"):
+        table = df.pivot_table(index="case", columns="method", values=figure, sort=False)
+        table.loc["mean"] = table.mean()
+        out.append(f"{figure}:\n{table.to_string(float_format='%.3f')}")
+    return "\n\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
@@ -246,6 +268,7 @@ def main() -> None:
             print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"), flush=True)
     print(f"\nload average {os.getloadavg()}; * = the omicvae_sc score meant for the case",
           file=sys.stderr)
+    print("\n" + summary(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))
 

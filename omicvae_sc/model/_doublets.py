@@ -42,7 +42,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from omicvae_sc.data import CountTensors
 from omicvae_sc.model._pca import streamed_pca
@@ -57,9 +56,10 @@ MIX_WEIGHTS = (0.25, 0.5, 0.75)
 """Shares of the first cell in the mixtures the mixture test tries."""
 
 ROUNDS = 2
-CLASSIFIER_STEPS = 300
-CLASSIFIER_LR = 1e-2
-CLASSIFIER_DECAY = 1e-4
+RIDGE = 1e-2
+"""L2 penalty on the classifier's weights (features standardized, loss a mean over rows): it
+keeps the fit finite where artificial doublets separate perfectly."""
+NEWTON_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -228,11 +228,14 @@ def _depth_features(library: torch.Tensor, detected: torch.Tensor, n_real: int) 
     """Complexity (log detected genes minus a quadratic fit in log library over real cells) and
     depth (log library above the real cells' median, else 0), ``(n, 2)``."""
     log_lib, log_det = library.clamp_min(1).log().double(), detected.clamp_min(1).log().double()
-    design = torch.stack([torch.ones_like(log_lib), log_lib, log_lib**2], 1)
-    coef = torch.linalg.lstsq(design[:n_real], log_det[:n_real, None]).solution
-    complexity = log_det - (design @ coef).ravel()
-    depth = (log_lib - log_lib[:n_real].median()).clamp_min(0)
-    return torch.stack([complexity, depth], 1).float()
+    centred = log_lib - log_lib[:n_real].median()
+    design = torch.stack([torch.ones_like(centred), centred, centred**2], 1)
+    real = design[:n_real]
+    # a slightly ridged normal equation: well posed on every device, even for a few cells
+    gram = real.T @ real + 1e-6 * n_real * torch.eye(3, dtype=real.dtype, device=real.device)
+    coef = torch.linalg.solve(gram, real.T @ log_det[:n_real])
+    complexity = log_det - design @ coef
+    return torch.stack([complexity, centred.clamp_min(0)], 1).float()
 
 
 @torch.no_grad()
@@ -257,21 +260,35 @@ def _group_features(module: VAE, data: CountTensors, z: torch.Tensor, clusters: 
 
 
 # ---------------------------------------------------------------------------- classifier
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor) -> nn.Linear:
-    """Logistic regression on standardized ``x`` with the two classes weighted equally."""
-    model = nn.Linear(x.shape[1], 1).to(x.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=CLASSIFIER_LR,
-                                 weight_decay=CLASSIFIER_DECAY)
+class _Logistic(NamedTuple):
+    weights: torch.Tensor  # (features,)
+    intercept: torch.Tensor  # ()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Log odds of the rows of ``x``, ``(rows,)``."""
+        return (x.double() @ self.weights + self.intercept).float()
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor) -> _Logistic:
+    """Logistic regression on standardized ``x`` with the two classes weighted equally and a
+    small ridge (``RIDGE``) on the weights, fitted by Newton's method in float64."""
+    design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64,
+                                               device=x.device)], 1)
+    y = y.double()
     positive = y.mean().clamp(1e-6, 1 - 1e-6)
-    weight = torch.where(y > 0, 0.5 / positive, 0.5 / (1 - positive))
-    with torch.enable_grad():
-        for _ in range(CLASSIFIER_STEPS):
-            optimizer.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                model(x).squeeze(1), y, weight=weight)
-            loss.backward()
-            optimizer.step()
-    return model
+    sample = torch.where(y > 0, 0.5 / positive, 0.5 / (1 - positive)) / len(y)
+    penalty = torch.full((design.shape[1],), RIDGE, dtype=torch.float64, device=x.device)
+    penalty[-1] = 0.0  # the intercept is not shrunk
+    beta = torch.zeros(design.shape[1], dtype=torch.float64, device=x.device)
+    for _ in range(NEWTON_STEPS):
+        p = torch.sigmoid(design @ beta)
+        gradient = design.T @ (sample * (p - y)) + penalty * beta
+        hessian = (design * (sample * p * (1 - p)).unsqueeze(1)).T @ design + torch.diag(penalty)
+        step = torch.linalg.solve(hessian, gradient)
+        beta = beta - step
+        if float(step.abs().max()) < 1e-7:
+            break
+    return _Logistic(beta[:-1], beta[-1])
 
 
 def cross_validated_log_odds(features: torch.Tensor, n_real: int, expected_rate: float,
@@ -292,11 +309,10 @@ def cross_validated_log_odds(features: torch.Tensor, n_real: int, expected_rate:
             mean = features[train].mean(0)
             spread = features[train].std(0).clamp_min(1e-6)
             model = _fit_logistic((features[train] - mean) / spread, label[train])
-            with torch.no_grad():
-                out[held_out] = model((features[held_out] - mean) / spread).squeeze(1)
-        called = out[:n_real] >= torch.quantile(out[:n_real], 1 - expected_rate)
+            out[held_out] = model((features[held_out] - mean) / spread)
+        called = out[:n_real].topk(math.ceil(expected_rate * n_real)).indices
         negatives = torch.ones(n, dtype=torch.bool, device=features.device)
-        negatives[:n_real] = ~called
+        negatives[called] = False
     return out[:n_real]
 
 
