@@ -156,6 +156,19 @@ def test_no_cell_is_scored_by_a_classifier_that_saw_it():
     assert 0.35 < (held_out < 0).float().mean() < 0.65
 
 
+def test_classifier_stays_finite_on_features_that_separate_nothing():
+    """Constant features and one class only (what two cells of one gene give): the Newton
+    steps must not meet a singular Hessian, and every log odds is finite."""
+    import torch
+
+    from omicvae_sc.model._doublets import _fit_logistic, cross_validated_log_odds
+
+    features = torch.zeros(40, 11)
+    assert torch.isfinite(_fit_logistic(features, torch.ones(40))(features)).all()
+    assert torch.isfinite(cross_validated_log_odds(features, 2, expected_rate=0.05,
+                                                   n_folds=5)).all()
+
+
 def test_artificial_doublets_pair_two_clusters_of_one_batch():
     import torch
 

@@ -278,7 +278,9 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor) -> _Logistic:
     positive = y.mean().clamp(1e-6, 1 - 1e-6)
     sample = torch.where(y > 0, 0.5 / positive, 0.5 / (1 - positive)) / len(y)
     penalty = torch.full((design.shape[1],), RIDGE, dtype=torch.float64, device=x.device)
-    penalty[-1] = 0.0  # the intercept is not shrunk
+    # the intercept is all but unshrunk: enough to keep the Hessian invertible when a fold's
+    # features cannot separate anything (one gene, a handful of cells) and p saturates
+    penalty[-1] = RIDGE * 1e-6
     beta = torch.zeros(design.shape[1], dtype=torch.float64, device=x.device)
     for _ in range(NEWTON_STEPS):
         p = torch.sigmoid(design @ beta)
