@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128, help="scvi-tools' default: 128")
     parser.add_argument("--lr", type=float, default=None,
                         help="plan_kwargs lr; default: scvi-tools' (1e-3)")
+    parser.add_argument("--counts-in-x", action="store_true",
+                        help="the counts are in X only (files from make_large.py)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: accelerator='gpu', one device")
     return parser.parse_args()
@@ -55,6 +57,9 @@ def main() -> None:
     rss_base = rss_mb()  # imports only
     scvi.settings.seed = args.seed
     train, test = ad.read_h5ad(args.train), ad.read_h5ad(args.test)
+    if args.counts_in_x:
+        for part in (train, test):
+            part.layers["counts"] = part.X
 
     scvi.model.SCVI.setup_anndata(train, layer="counts")
     model = scvi.model.SCVI(

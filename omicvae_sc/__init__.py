@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from omicvae_sc import datasets, pl, tl
-from omicvae_sc.data import ResultsRecord
+from omicvae_sc.data import ResultsRecord, read_lazy
 from omicvae_sc.model import OmicVAE
 
 try:
@@ -14,4 +14,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["OmicVAE", "ResultsRecord", "__version__", "datasets", "pl", "tl"]
+__all__ = ["OmicVAE", "ResultsRecord", "__version__", "datasets", "pl", "read_lazy", "tl"]

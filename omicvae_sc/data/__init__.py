@@ -1,5 +1,6 @@
 """The AnnData boundary: the only code that reads or writes AnnData."""
 
+from omicvae_sc.data._disk import RowReader, is_on_disk, read_lazy
 from omicvae_sc.data._loader import CountTensors, stack_rows
 from omicvae_sc.data._schema import FIELDS, SCHEMA_VERSION, Field, ResultsRecord, obs_key
 from omicvae_sc.data._setup import (
@@ -9,7 +10,19 @@ from omicvae_sc.data._setup import (
     covariate_codes,
     read_setup,
 )
-from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
+from omicvae_sc.data._stream import (
+    BLOCK_ROWS,
+    BUFFER_BLOCKS,
+    BlockStream,
+    count_source,
+    library_sizes,
+)
+from omicvae_sc.data._validate import (
+    check_anndata_object,
+    check_counts,
+    checked_counts,
+    get_counts,
+)
 from omicvae_sc.data._writeback import (
     Results,
     check_key_added,
@@ -20,22 +33,31 @@ from omicvae_sc.data._writeback import (
 )
 
 __all__ = [
+    "BLOCK_ROWS",
+    "BUFFER_BLOCKS",
     "FIELDS",
     "SCHEMA_VERSION",
     "SETUP_KEY",
     "AnnDataSetup",
+    "BlockStream",
     "CountTensors",
     "Field",
     "Results",
     "ResultsRecord",
+    "RowReader",
     "build_setup",
     "check_anndata_object",
     "check_counts",
     "check_key_added",
+    "checked_counts",
+    "count_source",
     "covariate_codes",
     "get_counts",
+    "is_on_disk",
+    "library_sizes",
     "obs_key",
     "output_keys",
+    "read_lazy",
     "read_setup",
     "stack_rows",
     "write_keys",

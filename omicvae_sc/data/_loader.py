@@ -97,16 +97,9 @@ class CountTensors:
         out[row, cols] = values
         return (out, (row, cols)) if nonzero else out
 
-    def _bounds(self, batch_size: int) -> list[int]:
-        """Minibatch boundaries; a trailing one-cell batch is folded into the one before it."""
-        bounds = [*range(0, self.n_cells, batch_size), self.n_cells]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]
-        return bounds
-
     def n_batches(self, batch_size: int) -> int:
         """Number of minibatches :meth:`batches` yields for ``batch_size``."""
-        return len(self._bounds(batch_size)) - 1
+        return len(minibatch_bounds(self.n_cells, batch_size)) - 1
 
     def batches(
         self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
@@ -124,7 +117,7 @@ class CountTensors:
             host = torch.arange(self.n_cells)
         order = host.to(self.device)
         host = host.numpy()
-        for lo, hi in itertools.pairwise(self._bounds(batch_size)):
+        for lo, hi in itertools.pairwise(minibatch_bounds(self.n_cells, batch_size)):
             idx = order[lo:hi]
             codes = None if self.codes is None else self.codes[idx]
             if nonzero:
@@ -132,6 +125,15 @@ class CountTensors:
                 yield x, codes, positions
             else:
                 yield self.rows(idx, host[lo:hi]), codes
+
+
+def minibatch_bounds(n_cells: int, batch_size: int) -> list[int]:
+    """Minibatch boundaries over ``n_cells``; a trailing one-cell batch is folded into the one
+    before it, because BatchNorm cannot normalize one sample in training mode."""
+    bounds = [*range(0, n_cells, batch_size), n_cells]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
 
 
 def stack_rows(n_rows: int, parts: Iterable) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from omicvae_sc.data._disk import RowReader
+from omicvae_sc.data._stream import BLOCK_ROWS
 from omicvae_sc.data._validate import (
     check_anndata_object,
-    check_counts,
-    get_counts,
+    checked_counts,
+    warn_empty_genes,
     warn_small_categories,
     warn_unusual_counts,
 )
@@ -98,8 +101,14 @@ def build_setup(
     """
     check_anndata_object(adata)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    counts = get_counts(adata, layer)
-    check_counts(adata, counts, where, allow_non_integer=allow_non_integer)
+    counts = checked_counts(adata, layer, where, allow_non_integer=allow_non_integer)
+    if isinstance(counts, RowReader):  # on disk: one pass that checks every block
+        _, detected = counts.scan(BLOCK_ROWS)
+        if counts.saw_non_integer:
+            msg = (f"{counts.name} holds non-integer values. Fitting them as given "
+                   "(allow_non_integer=True): the NB/ZINB likelihood is defined on counts, so "
+                   "likelihoods are approximate.")
+            warnings.warn(msg, UserWarning, stacklevel=2)
     extra = tuple(categorical_covariate_keys or ())
     keys = ((batch_key,) if batch_key is not None else ()) + extra
     if len(set(keys)) != len(keys):
@@ -115,7 +124,10 @@ def build_setup(
         else:
             cats = pd.Index(np.unique(col.astype(str)))
         categories.append(tuple(str(c) for c in cats))
-    warn_unusual_counts(adata, counts, where)
+    if isinstance(counts, RowReader):
+        warn_empty_genes(adata, detected, where)
+    else:
+        warn_unusual_counts(adata, counts, where)
     return AnnDataSetup(layer=layer, batch_key=batch_key, covariate_keys=keys,
                         categories=tuple(categories), allow_non_integer=allow_non_integer)
 

@@ -10,27 +10,23 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from omicvae_sc.data._disk import RowReader, is_on_disk, lazy_counts
 from omicvae_sc.module import Pass, chunk_rows
 
 CPU = torch.device("cpu")  # the counts are checked on the host
 
 
 def check_anndata_object(adata: AnnData) -> None:
-    """Reject backed objects, empty objects and duplicated gene names.
+    """Reject empty objects and duplicated gene names.
 
     Views are accepted as scanpy's tools accept them: they are read as they are, and writing
     results into one makes it an actual AnnData the way anndata does it (with anndata's
-    ``ImplicitModificationWarning``); the parent object is never changed.
+    ``ImplicitModificationWarning``); the parent object is never changed. Counts on disk (a
+    backed AnnData, or one from ``ov.read_lazy``) are read a block of rows at a time.
     """
     if not isinstance(adata, AnnData):
         msg = f"Expected an AnnData object, found {type(adata).__name__}."
         raise TypeError(msg)
-    if adata.isbacked:
-        msg = (
-            "adata is backed (opened with backed='r'); omicvae_sc needs the counts in memory. "
-            "Run `adata = adata.to_memory()` first."
-        )
-        raise ValueError(msg)
     if adata.n_obs == 0 or adata.n_vars == 0:
         msg = f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); nothing to fit."
         raise ValueError(msg)
@@ -56,7 +52,8 @@ def get_counts(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
             "Pass layer= naming the raw-count layer, or layer=None to use adata.X."
         )
         raise KeyError(msg)
-    return adata.layers[layer]
+    on_disk = lazy_counts(adata, layer)  # a backed file's layer, read from the file
+    return adata.layers[layer] if on_disk is None else on_disk
 
 
 def _where(adata: AnnData, matrix, mask_values) -> tuple[str, str, float]:
@@ -137,14 +134,19 @@ def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool 
 def warn_unusual_counts(adata: AnnData, matrix, where: str) -> None:
     """Warn about genes without a single count: they are kept (the model learns they are
     zero), and said."""
-    per_gene = np.asarray((matrix != 0).sum(axis=0)).ravel()
+    warn_empty_genes(adata, np.asarray((matrix != 0).sum(axis=0)).ravel(), where)
+
+
+def warn_empty_genes(adata: AnnData, per_gene: np.ndarray, where: str) -> None:
+    """The warning of :func:`warn_unusual_counts`, from the number of cells with a count of
+    each gene."""
     empty = np.flatnonzero(per_gene == 0)
     if empty.size:
         names = adata.var_names[empty[:3]].tolist()
         msg = (f"{empty.size} of {adata.n_vars} genes in {where} have no counts in any cell "
                f"(e.g. {names}); they are kept and the model learns to predict zeros for them. "
                "`sc.pp.filter_genes(adata, min_cells=1)` removes them.")
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def warn_small_categories(key: str, values: np.ndarray) -> None:
@@ -157,3 +159,14 @@ def warn_small_categories(key: str, values: np.ndarray) -> None:
                "effect (and with dispersion='gene-batch' its dispersion) from one cell. Merge "
                "it into a larger category if that is not intended.")
         warnings.warn(msg, UserWarning, stacklevel=2)
+
+
+def checked_counts(adata: AnnData, layer: str | None, where: str, *,
+                   allow_non_integer: bool = False):
+    """The counts of ``adata`` ready to read: a matrix in memory, checked whole, or for counts
+    on disk a :class:`RowReader` that checks every block as it reads it."""
+    counts = get_counts(adata, layer)
+    if is_on_disk(counts):
+        return RowReader(counts, where, adata.obs_names, allow_non_integer=allow_non_integer)
+    check_counts(adata, counts, where, allow_non_integer=allow_non_integer)
+    return counts

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from omicvae_sc.data import AnnDataSetup, CountTensors
+from omicvae_sc.data import AnnDataSetup, CountTensors, library_sizes
 from omicvae_sc.model._runtime import seeded
 from omicvae_sc.module import VAE, chunk_rows
 
@@ -92,7 +92,7 @@ def sample_cells(module: VAE, setup: AnnDataSetup, var_names: np.ndarray,
                  library_size: float | np.ndarray | None, seed: int) -> AnnData:
     """``OmicVAE.sample``: new cells at the library sizes and covariates of the training
     cells (``counts``, ``codes``) resampled with ``seed``, as an AnnData."""
-    library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+    library = library_sizes(counts)
     plan = plan_cells(setup, library, codes, n_cells=n_cells, batch=batch,
                       library_size=library_size, seed=seed)
     with seeded(seed, device):

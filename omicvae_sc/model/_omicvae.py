@@ -19,16 +19,17 @@ import torch
 from anndata import AnnData
 
 from omicvae_sc.data import (
+    BLOCK_ROWS,
+    BUFFER_BLOCKS,
     SETUP_KEY,
     AnnDataSetup,
-    CountTensors,
     Results,
     build_setup,
     check_anndata_object,
-    check_counts,
     check_key_added,
+    checked_counts,
+    count_source,
     covariate_codes,
-    get_counts,
     read_setup,
     write_keys,
     write_results,
@@ -174,20 +175,19 @@ class OmicVAE:
                             allow_non_integer=allow_non_integer)
         adata.uns[SETUP_KEY] = setup.to_dict()
 
-    def _host_data(self, adata: AnnData | None
-                   ) -> tuple[np.ndarray | sp.spmatrix, np.ndarray | None]:
-        """Validated counts and covariate codes of ``adata`` (default: the training AnnData);
-        a view is read as it is."""
+    def _host_data(self, adata: AnnData | None):
+        """Counts and covariate codes of ``adata`` (default: the training AnnData), ready to
+        read: a matrix in memory, checked whole, or counts on disk as a ``RowReader`` that
+        checks each block as it reads it. A view is read as it is."""
         adata = self.adata if adata is None else adata
         check_anndata_object(adata)
         check_same_genes(self.var_names, adata.var_names)
-        counts = get_counts(adata, self.setup.layer)
-        check_counts(adata, counts, self.setup.counts_where,
-                     allow_non_integer=self.setup.allow_non_integer)
+        counts = checked_counts(adata, self.setup.layer, self.setup.counts_where,
+                                allow_non_integer=self.setup.allow_non_integer)
         return counts, covariate_codes(adata, self.setup)
 
-    def _tensors(self, adata: AnnData | None) -> CountTensors:
-        return CountTensors(*self._host_data(adata), self.device)
+    def _tensors(self, adata: AnnData | None):
+        return count_source(*self._host_data(adata), self.device)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -196,7 +196,8 @@ class OmicVAE:
         early_stopping: bool | None = None, patience: int = 25, seed: int | None = None,
         progress_bar: bool = True, checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10, resume: bool = False, precision: str = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, block_rows: int = BLOCK_ROWS,
+        buffer_blocks: int = BUFFER_BLOCKS,
     ) -> History:
         """Fit by maximizing the ELBO with Adam; returns (and keeps) the per-epoch history.
 
@@ -250,6 +251,14 @@ class OmicVAE:
             launch per step instead of a few hundred, the same arithmetic. Steps of another
             size than ``batch_size`` (each epoch's last) run as usual. Off by default until
             its speed is measured on a GPU (none was available when it was written).
+        block_rows, buffer_blocks
+            Only for counts on disk (an AnnData opened with ``backed="r"`` or
+            :func:`omicvae_sc.read_lazy`): each epoch reads blocks of ``block_rows``
+            contiguous cells in a random order, ``buffer_blocks`` blocks at a time, and
+            shuffles the cells of those blocks together; the next blocks are read while the
+            model trains. Memory holds about two buffers. Larger buffers mix more of the file
+            into each minibatch; their effect on quality and speed is measured in
+            benchmarks/README.md ("Streaming from disk").
 
         Returns
         -------
@@ -270,7 +279,8 @@ class OmicVAE:
             early_stopping=early_stopping, patience=patience,
             seed=self.hparams["seed"] if seed is None else seed, progress_bar=progress_bar,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-            precision=precision, cuda_graphs=cuda_graphs)
+            precision=precision, cuda_graphs=cuda_graphs, block_rows=block_rows,
+            buffer_blocks=buffer_blocks)
         request.check(self.device)
         counts, codes = self._host_data(None)
         try:
@@ -722,7 +732,7 @@ class OmicVAE:
             if n_cells < counts.shape[0]:
                 rng = np.random.default_rng(seed)
                 cells = np.sort(rng.choice(counts.shape[0], size=n_cells, replace=False))
-        data = CountTensors(counts, codes, self.device, cells=cells)
+        data = count_source(counts, codes, self.device, cells=cells)
         return _generate.posterior_predictive_check(self.module, data, self.var_names, seed)
 
     # ------------------------------------------------------------------ files

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from omicvae_sc.data import CountTensors
+from omicvae_sc.data import BLOCK_ROWS, BUFFER_BLOCKS, RowReader, count_source
 from omicvae_sc.model._checks import check_count, validation_split
 from omicvae_sc.model._runtime import resolve_precision, seeded
 from omicvae_sc.module import VAE
@@ -43,6 +43,8 @@ class TrainRequest:
     resume: bool = False
     precision: str = "auto"
     cuda_graphs: bool = False
+    block_rows: int = BLOCK_ROWS
+    buffer_blocks: int = BUFFER_BLOCKS
 
     def check(self, device: torch.device) -> None:
         """Raise on arguments that cannot work, before anything is computed."""
@@ -51,6 +53,8 @@ class TrainRequest:
                    f"{self.batch_size}.")
             raise ValueError(msg)
         check_count("checkpoint_every", self.checkpoint_every)
+        check_count("block_rows", self.block_rows)
+        check_count("buffer_blocks", self.buffer_blocks)
         if self.resume and self.checkpoint_dir is None:
             msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
             raise ValueError(msg)
@@ -60,11 +64,12 @@ class TrainRequest:
             raise ValueError(msg)
 
 
-def train_module(module: VAE, counts: np.ndarray | sp.spmatrix, codes: np.ndarray | None,
+def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
+                 codes: np.ndarray | None,
                  request: TrainRequest, *, hparams: dict, first_epoch: int) -> History:
-    """Train ``module`` in place on the validated ``counts`` and ``codes``; the history of
-    this call (``request`` checked by the caller). Raises ``TrainingDiverged`` as
-    :func:`omicvae_sc.train.fit` does."""
+    """Train ``module`` in place on the validated ``counts`` (in memory, or on disk behind a
+    ``RowReader``) and ``codes``; the history of this call (``request`` checked by the
+    caller). Raises ``TrainingDiverged`` as :func:`omicvae_sc.train.fit` does."""
     device = next(module.parameters()).device
     n = counts.shape[0]
     max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
@@ -78,14 +83,19 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix, codes: np.ndarra
         patience=request.patience, progress_bar=request.progress_bar,
         precision=resolve_precision(request.precision, device),
         cuda_graphs=request.cuda_graphs)
-    train_data, val_data = (CountTensors(counts, codes, device, cells=idx) if len(idx) else None
-                            for idx in (train_idx, val_idx))
+    on_disk = isinstance(counts, RowReader)
+    stream = {"block_rows": request.block_rows, "buffer_blocks": request.buffer_blocks}
+    train_data, val_data = (count_source(counts, codes, device, cells=idx,
+                                         **(stream if on_disk else {}))
+                            if len(idx) else None for idx in (train_idx, val_idx))
     plan = resume_from = None
     if request.checkpoint_dir is not None:
         run = {k: v for k, v in vars(config).items()  # how it runs, not what it computes
                if k not in ("progress_bar", "cuda_graphs")}
         run |= {"seed": request.seed, "n_train": len(train_idx), "n_validation": len(val_idx),
                 "n_genes": counts.shape[1], "hparams": dict(hparams)}
+        if on_disk:  # the order cells are read in is part of what a run computes
+            run |= {"stream": stream}
         plan = CheckpointPlan(Path(request.checkpoint_dir), request.checkpoint_every, run)
         resume_from = read_checkpoint(plan.directory, run) if request.resume else None
     generator = torch.Generator().manual_seed(request.seed)

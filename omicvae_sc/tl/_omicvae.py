@@ -9,6 +9,7 @@ from anndata import AnnData
 
 from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
+from omicvae_sc.data._disk import holds_disk_arrays
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
 from omicvae_sc.model import OmicVAE, ResultOptions, stage
 
@@ -119,6 +120,18 @@ def omicvae(
                             doublets=doublets, doublet_rate=doublet_rate, seed=seed)
     options.check()  # before training, as the rest of the input
     check_n_top_genes(n_top_genes)
+    if holds_disk_arrays(adata):
+        if copy:
+            msg = ("copy=True cannot copy an AnnData whose counts are on disk (backed, or from "
+                   "ov.read_lazy). Leave copy=False: the results go into the object in memory "
+                   "and the file is not changed; or load it first with adata.to_memory().")
+            raise ValueError(msg)
+        if n_top_genes is not None and n_top_genes < adata.n_vars:
+            msg = ("n_top_genes ranks the genes on every count in memory, and these counts "
+                   "are on disk (backed, or from ov.read_lazy); it is not done by blocks yet. "
+                   "Fit every gene of the file (n_top_genes=None), or load the cells first "
+                   "with adata.to_memory().")
+            raise ValueError(msg)
     if save_model is not None and Path(save_model).exists():
         msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
         raise FileExistsError(msg)

@@ -1,0 +1,220 @@
+"""Training from disk: memory, speed and quality of the block-streaming loader.
+
+Three parts, each a table; every measurement runs in its own child process so that its peak
+resident memory (VmHWM, reset after imports) is its own.
+
+``scale``: for each file given (written by ``make_large.py``), one training epoch and the
+latent of every cell, streamed from disk (``ov.read_lazy``) and, for ``--memory-up-to`` cells or
+fewer, from memory (``anndata.read_h5ad``): seconds of the set-up check, of the epoch and of the
+latent, training cells/s, and peak RSS. ``--scvi-python`` adds scvi-tools 1.4.2 on the same file
+(it loads the file into memory): its peak RSS and cells/s for one epoch.
+
+``quality``: held-out log p(x) (K=100 importance samples) after the same epochs and seed, fully
+shuffled in memory against block-shuffled streaming at several block and buffer sizes, on
+real sets from ``../shared/data`` written in their own order and sorted by cell type (each block
+one type: the hard case).
+
+Examples::
+
+    python benchmarks/make_large.py --cells 1000000 --out /tmp/large/pbmc_1m.h5ad
+    python benchmarks/outofcore.py --part scale --files /tmp/large/pbmc_100k.h5ad \\
+        /tmp/large/pbmc_1m.h5ad --scvi-python /work/venvs/peers/bin/python
+    python benchmarks/outofcore.py --part quality --epochs 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _prep import data_path, prepare, reset_peak_rss, rss_mb  # noqa: E402
+
+QUALITY_SETS = {"pbmc3k": ("pbmc3k.h5ad", "cell_type"),
+                "pancreas": ("bastidasponce2019_pancreas_endocrine_2000hvg.h5ad", "cell_type")}
+STREAM_GRID = [(1024, 16), (256, 4), (64, 4), (16, 4), (64, 1)]
+"""(block_rows, buffer_blocks) tried in the quality part: the default, then smaller buffers."""
+
+
+# ---------------------------------------------------------------------------- children
+def child_scale(args) -> dict:
+    """One epoch and the latent of one file, streamed or in memory."""
+    import anndata as ad
+    import torch
+
+    import omicvae_sc as ov
+
+    torch.set_num_threads(args.threads)
+    base = reset_peak_rss()
+    t0 = time.perf_counter()
+    adata = ov.read_lazy(args.file) if args.mode == "stream" else ad.read_h5ad(args.file)
+    t_open = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ov.OmicVAE.setup_anndata(adata)
+    t_setup = time.perf_counter() - t0
+    model = ov.OmicVAE(adata, device="cpu", seed=0)
+    t0 = time.perf_counter()
+    model.train(1, batch_size=args.batch_size, validation_fraction=0.0, progress_bar=False,
+                **({"block_rows": args.block_rows, "buffer_blocks": args.buffer_blocks}
+                   if args.mode == "stream" else {}))
+    t_epoch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    z = model.get_latent_representation()
+    t_latent = time.perf_counter() - t0
+    return {"file": Path(args.file).name, "mode": args.mode, "cells": adata.n_obs,
+            "open_s": t_open, "setup_s": t_setup, "epoch_s": t_epoch,
+            "cells_per_s": adata.n_obs / t_epoch, "latent_s": t_latent,
+            "latent_finite": bool(np.isfinite(z).all()),
+            "peak_rss_mb": rss_mb(), "rss_base_mb": base}
+
+
+def child_quality(args) -> dict:
+    """Held-out log p(x) of one training run on a prepared train file."""
+    import anndata as ad
+    import torch
+
+    import omicvae_sc as ov
+
+    torch.set_num_threads(args.threads)
+    test = ad.read_h5ad(args.test)
+    if args.mode == "stream":
+        train = ov.read_lazy(args.file)
+        kwargs = {"block_rows": args.block_rows, "buffer_blocks": args.buffer_blocks}
+    else:
+        train, kwargs = ad.read_h5ad(args.file), {}
+    ov.OmicVAE.setup_anndata(train)
+    model = ov.OmicVAE(train, device="cpu", seed=args.seed)
+    t0 = time.perf_counter()
+    model.train(args.epochs, batch_size=args.batch_size, validation_fraction=0.0,
+                progress_bar=False, seed=args.seed, **kwargs)
+    seconds = time.perf_counter() - t0
+    test.uns["omicvae_setup"] = train.uns["omicvae_setup"]
+    ll = model.get_marginal_ll(test, n_samples=100)
+    return {"mode": args.mode, "block_rows": args.block_rows if args.mode == "stream" else None,
+            "buffer_blocks": args.buffer_blocks if args.mode == "stream" else None,
+            "heldout_ll": float(np.mean(ll)), "train_s": seconds}
+
+
+def run_child(argv: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--child-out", out.name, *argv], check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+# ---------------------------------------------------------------------------- parts
+def part_scale(args) -> pd.DataFrame:
+    rows = []
+    for file in args.files:
+        import anndata as ad
+
+        n = ad.read_h5ad(file, backed="r").n_obs
+        modes = ["stream"] + (["memory"] if n <= args.memory_up_to else [])
+        for mode in modes:
+            row = run_child(["--child", "scale", "--mode", mode, "--file", str(file),
+                             "--batch-size", str(args.batch_size), "--threads",
+                             str(args.threads), "--block-rows", str(args.block_rows),
+                             "--buffer-blocks", str(args.buffer_blocks)])
+            print(row, flush=True)
+            rows.append(row)
+        if args.scvi_python and n <= args.memory_up_to:
+            rows.append(scvi_epoch(args, Path(file), n))
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def scvi_epoch(args, file: Path, n: int) -> dict:
+    """scvi-tools 1.4.2, one epoch on the same file (read into memory by its runner)."""
+    import anndata as ad
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small = ad.read_h5ad(file, backed="r")[:200].to_memory()
+        small.write_h5ad(Path(tmp) / "test.h5ad")
+        out = Path(tmp) / "scvi.npz"
+        subprocess.run([args.scvi_python, str(HERE / "_run_scvi.py"), "--train", str(file),
+                        "--test", str(Path(tmp) / "test.h5ad"), "--out", str(out),
+                        "--epochs", "1", "--threads", str(args.threads), "--n-mc-samples",
+                        "2", "--batch-size", str(args.batch_size), "--counts-in-x"],
+                       check=True)
+        got = np.load(out)
+        return {"file": file.name, "mode": "scvi-tools (memory)", "cells": n,
+                "epoch_s": float(got["train_seconds"]),
+                "cells_per_s": n / float(got["train_seconds"]),
+                "peak_rss_mb": float(got["peak_rss_mb"]),
+                "rss_base_mb": float(got["rss_base_mb"])}
+
+
+def part_quality(args) -> pd.DataFrame:
+    import anndata as ad
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (filename, label) in QUALITY_SETS.items():
+            train, test = prepare(data_path(filename))
+            test.write_h5ad(Path(tmp) / f"{name}_test.h5ad")
+            for order in ("file", "sorted"):
+                part = train if order == "file" else train[
+                    np.argsort(train.obs[label].astype(str).to_numpy(), kind="stable")].copy()
+                path = Path(tmp) / f"{name}_{order}.h5ad"
+                ad.AnnData(part.X, obs=part.obs, var=part.var[[]]).write_h5ad(path)
+                runs = [("memory", 0, 0)] + [("stream", b, k) for b, k in STREAM_GRID]
+                for mode, block, buffer in runs:
+                    if mode == "memory" and order == "sorted":
+                        continue  # fully shuffled: the order of the file does not matter
+                    row = run_child(["--child", "quality", "--mode", mode, "--file", str(path),
+                                     "--test", str(Path(tmp) / f"{name}_test.h5ad"),
+                                     "--epochs", str(args.epochs), "--seed", str(args.seed),
+                                     "--batch-size", str(args.batch_size), "--threads",
+                                     str(args.threads), "--block-rows", str(block),
+                                     "--buffer-blocks", str(buffer)])
+                    row |= {"set": name, "order": order, "cells": part.n_obs}
+                    print(row, flush=True)
+                    rows.append(row)
+    df = pd.DataFrame(rows)
+    ref = df[df["mode"] == "memory"].set_index("set")["heldout_ll"]
+    df["vs_memory"] = df["heldout_ll"] - df["set"].map(ref)
+    return df
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["scale", "quality"], default="quality")
+    parser.add_argument("--files", nargs="+", default=[], help="h5ad files for --part scale")
+    parser.add_argument("--memory-up-to", type=int, default=1_000_000,
+                        help="also run in memory (and scvi-tools) up to this many cells")
+    parser.add_argument("--scvi-python", default=None)
+    parser.add_argument("--epochs", type=int, default=100, help="quality part")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--block-rows", type=int, default=1024)
+    parser.add_argument("--buffer-blocks", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--csv", type=Path, default=None)
+    # a child's own arguments
+    parser.add_argument("--child", choices=["scale", "quality"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["stream", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--test", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        row = (child_scale if args.child == "scale" else child_quality)(args)
+        Path(args.child_out).write_text(json.dumps(row))
+        return
+    df = part_scale(args) if args.part == "scale" else part_quality(args)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(df.round(3).to_string(index=False))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Minibatches streamed from counts on disk: blocks of contiguous rows, read ahead on a
+background thread, shuffled within a buffer of several blocks.
+
+Reading single cells in random order from an ``.h5ad`` or zarr file is what makes naive loaders
+slow (each cell is several small reads). Here an epoch visits the blocks in a random order, reads
+``buffer_blocks`` of them at a time (each one read of every stored array), shuffles the cells of
+the buffer together and serves minibatches from it, while the next buffer is read on a thread
+(HDF5 and zarr release Python's lock while they read and decompress, and torch while it
+computes). Cells left over at the end of a buffer join the next one, so every minibatch but the
+epoch's last has ``batch_size`` cells, as in memory. With one block holding every cell the
+order is exactly the in-memory loader's for the same generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from omicvae_sc.data._disk import RowReader
+from omicvae_sc.data._loader import CountTensors, minibatch_bounds
+
+BLOCK_ROWS = 1024
+"""Contiguous rows per read (see benchmarks/README.md, "Streaming from disk")."""
+
+BUFFER_BLOCKS = 16
+"""Blocks shuffled together: 16,384 cells at the default block size."""
+
+
+class BlockStream:
+    """The cells ``cells`` of an on-disk count matrix as minibatches, for training and for
+    every chunked output pass (the same interface as :class:`CountTensors`).
+
+    Parameters
+    ----------
+    reader
+        Reads and checks blocks of rows of the matrix.
+    codes
+        ``(n_rows, n_covariates)`` covariate codes of every row of the matrix, or ``None``.
+    device
+        Where minibatches are put.
+    cells
+        Rows served (default: all), e.g. the training cells of a split.
+    block_rows, buffer_blocks
+        Rows per read and blocks shuffled together.
+    """
+
+    def __init__(self, reader: RowReader, codes: np.ndarray | None,
+                 device: torch.device | str = "cpu", *, cells: np.ndarray | None = None,
+                 block_rows: int = BLOCK_ROWS, buffer_blocks: int = BUFFER_BLOCKS):
+        if block_rows < 1 or buffer_blocks < 1:
+            msg = (f"block_rows and buffer_blocks must be at least 1, got {block_rows} and "
+                   f"{buffer_blocks}.")
+            raise ValueError(msg)
+        self.reader = reader
+        self.device = torch.device(device)
+        self.n_genes = reader.n_genes
+        self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
+        served = np.arange(reader.n_cells) if cells is None else np.sort(
+            np.asarray(cells, dtype=np.int64))
+        self.n_cells = len(served)
+        self._codes_all = codes
+        self.codes = None if codes is None else torch.as_tensor(codes[served],
+                                                                device=self.device)
+        # the blocks holding served cells, and which of their rows are served
+        block_of = served // block_rows
+        self._blocks = np.unique(block_of)
+        cut = np.searchsorted(block_of, self._blocks, side="right")
+        self._served = np.split(served, cut[:-1])
+
+    def n_batches(self, batch_size: int) -> int:
+        """Number of minibatches :meth:`batches` yields for ``batch_size``."""
+        return len(minibatch_bounds(self.n_cells, batch_size)) - 1
+
+    def _read(self, blocks: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray | None]:
+        """The served rows of ``blocks`` (positions in ``self._blocks``), stacked in that
+        order, with their covariate codes."""
+        parts, rows = [], []
+        for b in blocks:
+            lo = int(self._blocks[b]) * self.block_rows
+            hi = min(lo + self.block_rows, self.reader.n_cells)
+            keep = self._served[b]
+            block = self.reader.read(lo, hi)
+            parts.append(block if len(keep) == hi - lo else block[keep - lo])
+            rows.append(keep)
+        rows = np.concatenate(rows)
+        codes = None if self._codes_all is None else self._codes_all[rows]
+        return sp.vstack(parts, format="csr"), codes
+
+    def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None, *,
+             nonzero: bool = False):
+        """Dense counts of the served cells ``idx`` (positions among the served cells), as
+        :meth:`CountTensors.rows` gives them. Each block holding one of them is read once per
+        call, so callers ask for many cells at a time."""
+        pos = np.asarray(idx.cpu() if idx_host is None else idx_host, dtype=np.int64)
+        wanted = self._served_rows()[pos]
+        blocks = np.unique(wanted // self.block_rows)
+        parts = []
+        for b in blocks:
+            lo = int(b) * self.block_rows
+            hi = min(lo + self.block_rows, self.reader.n_cells)
+            parts.append(self.reader.read(lo, hi))
+        stacked = sp.vstack(parts, format="csr")
+        starts = np.searchsorted(blocks, wanted // self.block_rows)
+        offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])])[starts]
+        held = CountTensors(stacked[offsets + wanted % self.block_rows], None, self.device)
+        every = torch.arange(len(pos), device=self.device)
+        return held.rows(every, np.arange(len(pos)), nonzero=nonzero)
+
+    def _served_rows(self) -> np.ndarray:
+        return np.concatenate(self._served)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+        nonzero: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``(counts, codes)`` minibatches covering every served cell once, or with
+        ``nonzero`` ``(counts, codes, positions)``, as :meth:`CountTensors.batches` does.
+
+        With ``shuffle``, blocks come in a random order and the cells of each buffer in a
+        random order, both drawn from ``generator``; without, cells come in file order.
+        """
+        n_blocks = len(self._blocks)
+        if shuffle and n_blocks > 1:
+            order = torch.randperm(n_blocks, generator=generator).numpy()
+        else:
+            order = np.arange(n_blocks)
+        groups = [order[i:i + self.buffer_blocks]
+                  for i in range(0, n_blocks, self.buffer_blocks)]
+        served = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omicvae-read") as pool:
+            pending = pool.submit(self._read, groups[0])
+            carry: tuple[sp.csr_matrix, np.ndarray | None] | None = None
+            for i in range(len(groups)):
+                counts, codes = pending.result()
+                if i + 1 < len(groups):  # read the next buffer while this one is served
+                    pending = pool.submit(self._read, groups[i + 1])
+                if carry is not None:
+                    counts = sp.vstack([carry[0], counts], format="csr")
+                    codes = None if codes is None else np.concatenate([carry[1], codes])
+                last = i + 1 == len(groups)
+                m = counts.shape[0]
+                if shuffle:
+                    perm = torch.randperm(m, generator=generator)
+                else:
+                    perm = torch.arange(m)
+                if last:
+                    bounds = minibatch_bounds(m, batch_size)
+                    carry = None
+                else:  # full minibatches now; the rest waits for the next buffer
+                    n_full = m // batch_size * batch_size
+                    bounds = list(range(0, n_full + 1, batch_size))
+                    rest = perm[n_full:].numpy()
+                    carry = (counts[rest], None if codes is None else codes[rest])
+                    if n_full == 0:
+                        continue
+                held = CountTensors(counts, codes, self.device)
+                order_dev = perm.to(self.device)
+                host = perm.numpy()
+                for lo, hi in itertools.pairwise(bounds):
+                    idx = order_dev[lo:hi]
+                    batch_codes = None if held.codes is None else held.codes[idx]
+                    served += hi - lo
+                    if nonzero:
+                        x, positions = held.rows(idx, host[lo:hi], nonzero=True)
+                        yield x, batch_codes, positions
+                    else:
+                        yield held.rows(idx, host[lo:hi]), batch_codes
+        if served != self.n_cells:  # pragma: no cover - a bug, not a user error
+            msg = f"BlockStream served {served} cells, not {self.n_cells}"
+            raise RuntimeError(msg)
+
+
+def count_source(counts, codes: np.ndarray | None, device: torch.device | str = "cpu", *,
+                 cells: np.ndarray | None = None, block_rows: int = BLOCK_ROWS,
+                 buffer_blocks: int = BUFFER_BLOCKS) -> CountTensors | BlockStream:
+    """Minibatches of ``counts``: held on the device when they are in memory, streamed from
+    disk when ``counts`` is a :class:`RowReader`. The one place that decides."""
+    if isinstance(counts, RowReader):
+        return BlockStream(counts, codes, device, cells=cells, block_rows=block_rows,
+                           buffer_blocks=buffer_blocks)
+    return CountTensors(counts, codes, device, cells=cells)
+
+
+def library_sizes(counts) -> np.ndarray:
+    """Per-cell total counts (float64) of a matrix in memory or of a :class:`RowReader`."""
+    if isinstance(counts, RowReader):
+        return counts.scan(BLOCK_ROWS, progress_bar=False)[0]
+    return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
