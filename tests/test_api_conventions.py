@@ -47,7 +47,8 @@ def test_all_lists_every_public_callable(module):
 
 
 def test_top_level_exports():
-    assert set(ov.__all__) == {"OmicVAE", "ResultsRecord", "__version__", "datasets", "pl", "tl"}
+    assert set(ov.__all__) == {"OmicVAE", "ResultsRecord", "__version__", "datasets", "pl",
+                              "read_lazy", "tl"}
 
 
 # ---------------------------------------------------------------------------- signatures
@@ -170,7 +171,8 @@ def _doc_case(f):
         reason=f"package bug (omicvae_sc/model/_omicvae.py docstring): {reason}", strict=True))
 
 
-@pytest.mark.parametrize("f", [_doc_case(f) for f in [*TL, *PL, *DATASETS, OmicVAE, *METHODS]])
+@pytest.mark.parametrize("f", [_doc_case(f) for f in [*TL, *PL, *DATASETS, OmicVAE, *METHODS,
+                                                   ov.read_lazy]])
 def test_numpydoc_docstring(f):
     assert docstring_problems(f) == []
 

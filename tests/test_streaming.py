@@ -289,3 +289,83 @@ def test_tl_on_a_lazy_zarr_store_writes_its_results_in_memory(synthetic, tmp_pat
     for key in ("omicvae_log_likelihood", "omicvae_anomaly_score", "omicvae_doublet_score"):
         assert np.isfinite(adata.obs[key]).all(), key
     assert _sha(store) == before
+
+
+# ---------------------------------------------------------------------------- large outputs
+def test_denoised_layer_is_written_to_disk_chunk_by_chunk(on_disk, tmp_path):
+    """The denoised layer of counts on disk goes to a new file, equal to the in-memory
+    expression, and is placed in ``layers`` as an array on disk."""
+    _, path = on_disk
+    adata = ov.read_lazy(path)
+    OmicVAE.setup_anndata(adata, layer="counts")
+    model = OmicVAE(adata, n_latent=2, n_hidden=16, device="cpu")
+    model.train(2, progress_bar=False)
+    out = tmp_path / "denoised.zarr"
+    model.write_results(adata, layers=True, anomaly=False, doublets=False, denoised_path=out)
+    layer = adata.layers["omicvae_denoised"]
+    assert is_on_disk(layer) and out.exists()
+    expected = model.get_normalized_expression(library_size="observed")
+    np.testing.assert_array_equal(layer[:], expected)
+    genes = model.get_normalized_expression(gene_list=["gene3", "gene7"],
+                                            out=tmp_path / "two.zarr")
+    np.testing.assert_array_equal(genes[:], model.get_normalized_expression(
+        gene_list=["gene3", "gene7"]))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_on_disk_counts_need_a_path_for_the_denoised_layer(on_disk, tmp_path):
+    _, path = on_disk
+    adata = ov.read_lazy(path)
+    with pytest.raises(ValueError, match=r"pass denoised_path='denoised\.zarr' to write it"):
+        ov.tl.omicvae(adata, layer="counts", layers=True, max_epochs=1, progress_bar=False)
+    assert list(adata.obsm) == []
+    taken = tmp_path / "taken.zarr"
+    taken.mkdir()
+    with pytest.raises(FileExistsError, match=r"denoised_path .*taken\.zarr' already exists"):
+        ov.tl.omicvae(adata, layer="counts", layers=True, denoised_path=taken, max_epochs=1,
+                      progress_bar=False)
+    with pytest.raises(ValueError, match=r"must end in \.zarr \(a zarr store, written chunk"):
+        ov.tl.omicvae(adata, layer="counts", layers=True, denoised_path=tmp_path / "d.npy",
+                      max_epochs=1, progress_bar=False)
+    assert list(adata.obsm) == [] and "omicvae_setup" not in adata.uns
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+import anndata as ad
+import omicvae_sc as ov
+adata = ov.read_lazy(sys.argv[1])
+ov.OmicVAE.setup_anndata(adata, layer="counts")
+model = ov.OmicVAE(adata, n_latent=2, n_hidden=16, device="cpu")
+model.train(1, progress_bar=False)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, resource.RLIM_INFINITY))
+try:
+    model.write_results(adata, layers=True, anomaly=False, doublets=False,
+                        denoised_path=sys.argv[2])
+except OSError as err:
+    print("OSError:", err)
+    print("obsm:", list(adata.obsm))
+"""
+
+
+def test_a_full_disk_leaves_no_output_and_the_input_unchanged(on_disk, tmp_path):
+    """A real write that fails: the process may not grow a file past 2 kB (the denoised
+    layer's one chunk is tens of kB compressed), as on a full disk. The error says so,
+    nothing is left in the folder and nothing is written to the AnnData or the input file."""
+    import subprocess
+    import sys
+
+    _, path = on_disk
+    before = _sha(path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(out_dir / "d.zarr")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "OSError:" in proc.stdout and "Nothing was left behind" in proc.stdout, proc.stdout
+    assert "obsm: []" in proc.stdout
+    assert list(out_dir.iterdir()) == []
+    assert _sha(path) == before

@@ -1,6 +1,13 @@
 """The AnnData boundary: the only code that reads or writes AnnData."""
 
-from omicvae_sc.data._disk import RowReader, is_on_disk, read_lazy
+from omicvae_sc.data._disk import (
+    RowReader,
+    check_new_output,
+    holds_disk_arrays,
+    is_on_disk,
+    read_lazy,
+    write_dense,
+)
 from omicvae_sc.data._loader import CountTensors, stack_rows
 from omicvae_sc.data._schema import FIELDS, SCHEMA_VERSION, Field, ResultsRecord, obs_key
 from omicvae_sc.data._setup import (
@@ -49,10 +56,12 @@ __all__ = [
     "check_anndata_object",
     "check_counts",
     "check_key_added",
+    "check_new_output",
     "checked_counts",
     "count_source",
     "covariate_codes",
     "get_counts",
+    "holds_disk_arrays",
     "is_on_disk",
     "library_sizes",
     "obs_key",
@@ -60,6 +69,7 @@ __all__ = [
     "read_lazy",
     "read_setup",
     "stack_rows",
+    "write_dense",
     "write_keys",
     "write_results",
     "write_uns",

@@ -11,6 +11,10 @@ where single rows in random order are thousands.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
@@ -272,3 +276,63 @@ class RowReader:
             library[lo:hi] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
             detected += np.bincount(block.indices, minlength=self.n_genes)
         return library, detected
+
+
+OUTPUT_SUFFIXES = (".zarr",)
+"""Large outputs are zarr stores. Not HDF5: an HDF5 file that fills the disk cannot be closed
+(h5py 3.16 raises at close and the process then dies in HDF5's exit handler, a segmentation
+fault), where a zarr chunk that does not fit is one failed write of one file."""
+
+
+def check_new_output(path: str | os.PathLike, what: str) -> Path:
+    """``path`` names a new ``.zarr`` store in an existing folder."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        msg = f"{what} {str(path)!r} must end in .zarr (a zarr store, written chunk by chunk)."
+        raise ValueError(msg)
+    if path.exists():
+        msg = f"{what} {str(path)!r} already exists; choose a new path."
+        raise FileExistsError(msg)
+    if not path.parent.is_dir():
+        msg = f"{what} {str(path)!r}: the folder {str(path.parent)!r} does not exist."
+        raise FileNotFoundError(msg)
+    return path
+
+
+def write_dense(path: str | os.PathLike, shape: tuple[int, int],
+                chunks: Iterable[np.ndarray], *, what: str = "out"):
+    """Write the rows ``chunks`` yields, in order, as a float32 ``shape`` array into a new
+    ``.zarr`` store, and return it opened read-only.
+
+    The store is written under a temporary name in the same folder and renamed when every row
+    is in; if anything fails (a full disk, Ctrl-C) the temporary is removed, so no half-written
+    output is left behind.
+    """
+    import zarr
+
+    path = check_new_output(path, what)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    n_rows, n_cols = shape
+    rows_per_chunk = max(1, min(n_rows, 2**22 // max(n_cols, 1)))  # 16 MiB chunks
+    try:
+        array = zarr.open_array(str(tmp), mode="w", shape=shape, dtype="float32",
+                                chunks=(rows_per_chunk, n_cols), zarr_format=2)
+        lo = 0
+        for chunk in chunks:
+            array[lo:lo + len(chunk)] = np.asarray(chunk, dtype=np.float32)
+            lo += len(chunk)
+        if lo != n_rows:  # pragma: no cover - a bug, not a user error
+            msg = f"write_dense: {lo} rows written, not {n_rows}"
+            raise RuntimeError(msg)
+        tmp.rename(path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            msg = (f"Writing {str(path)!r} failed ({err}); "
+                   + ("the disk is full or the file too large. " if full else "")
+                   + "Nothing was left behind and the input is unchanged; free space or "
+                   "choose another folder.")
+            raise OSError(err.errno, msg) from err
+        raise
+    return zarr.open_array(str(path), mode="r")

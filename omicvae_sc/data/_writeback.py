@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.data._disk import is_on_disk
 from omicvae_sc.data._schema import ResultsRecord, field
 
 logger = logging.getLogger("omicvae_sc")
@@ -22,7 +23,7 @@ class Results:
     latent: np.ndarray  # (cells, n_latent)
     obs: dict[str, np.ndarray]  # suffix -> (cells,), e.g. "log_likelihood"
     record: ResultsRecord  # what goes into uns
-    denoised: np.ndarray | None = None  # (cells, genes)
+    denoised: np.ndarray | None = None  # (cells, genes), in memory or an array on disk
     var: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # suffix -> (genes,)
 
     def on_genes(self, mask: np.ndarray) -> Results:
@@ -74,7 +75,9 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
     for name, suffix in zip(keys["obs"], results.obs, strict=True):
         adata.obs[name] = np.asarray(results.obs[suffix])
     if results.denoised is not None:
-        adata.layers[keys["layers"][0]] = np.asarray(results.denoised, dtype=np.float32)
+        denoised = results.denoised  # an array on disk is placed as it is, never loaded
+        adata.layers[keys["layers"][0]] = denoised if is_on_disk(denoised) \
+            else np.asarray(denoised, dtype=np.float32)
     for name, suffix in zip(keys["var"], results.var, strict=True):
         adata.var[name] = np.asarray(results.var[suffix])
     adata.uns[key_added] = results.record.to_uns()

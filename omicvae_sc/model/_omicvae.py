@@ -27,10 +27,13 @@ from omicvae_sc.data import (
     build_setup,
     check_anndata_object,
     check_key_added,
+    check_new_output,
     checked_counts,
     count_source,
     covariate_codes,
+    holds_disk_arrays,
     read_setup,
+    write_dense,
     write_keys,
     write_results,
 )
@@ -332,6 +335,7 @@ class OmicVAE:
     def get_normalized_expression(
         self, adata: AnnData | None = None, *, library_size: float | str = 1e4,
         gene_list: list[str] | None = None, transform_batch: str | None = None,
+        out: str | Path | None = None,
     ) -> np.ndarray:
         """Denoised expression ``(n_cells, n_genes_selected)`` from the posterior mean.
 
@@ -346,15 +350,25 @@ class OmicVAE:
             Genes to return (default all); only these columns are ever materialized.
         transform_batch
             Decode every cell as if it came from this batch category (counterfactual expression).
+        out
+            A new ``.zarr`` store: write the expression there chunk by chunk
+            instead of returning it in memory (for atlases: 1M cells x 2,000 genes is 8 GB).
+            It appears only when complete; if writing fails (a full disk) nothing is left.
 
         Returns
         -------
-        ``(n_cells, len(gene_list))`` float32 array, computed in chunks of cells.
+        ``(n_cells, len(gene_list))`` float32 array, computed in chunks of cells; with ``out``,
+        that array on disk (a zarr array), opened read-only.
         """
         cols = gene_columns(self.var_names, gene_list)
         batch_code = batch_code_of(self.setup, transform_batch)
-        return _outputs.expression(self.module, self._tensors(adata), library_size, cols,
-                                   batch_code)
+        if out is not None:
+            check_new_output(out, "out")
+        data = self._tensors(adata)
+        if out is None:
+            return _outputs.expression(self.module, data, library_size, cols, batch_code)
+        chunks = _outputs.expression_chunks(self.module, data, library_size, cols, batch_code)
+        return write_dense(out, (data.n_cells, len(cols)), chunks)
 
     def get_marginal_ll(
         self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
@@ -528,6 +542,7 @@ class OmicVAE:
         layers: bool = False, n_samples: int = LOG_LIKELIHOOD_SAMPLES, anomaly: bool = True,
         contamination: float | None = None, n_mads: float = N_MADS, doublets: bool = True,
         doublet_rate: float | None = None, seed: int = 0,
+        denoised_path: str | Path | None = None,
     ) -> None:
         """Write latents, per-cell scores, flags and parameters into ``adata`` (README table).
 
@@ -562,12 +577,17 @@ class OmicVAE:
             prior of the score); ``None``: 0.8% per 1,000 cells loaded, at most 25%.
         seed
             Seeds the draws.
+        denoised_path
+            With ``layers=True``, write the denoised layer chunk by chunk into this new
+            ``.zarr`` store and place it in ``layers`` as an array on disk
+            (needed when the counts are on disk; the file appears only when complete).
         """
         check_key_added(key_added)
         adata = self.adata if adata is None else adata
         options = ResultOptions(layers=layers, n_samples=n_samples, anomaly=anomaly,
                                 contamination=contamination, n_mads=n_mads, doublets=doublets,
-                                doublet_rate=doublet_rate, seed=seed)
+                                doublet_rate=doublet_rate, seed=seed,
+                                denoised_path=denoised_path)
         write_results(adata, self.compute_results(adata, options), key_added=key_added)
 
     def compute_results(self, adata: AnnData, options: ResultOptions | None = None) -> Results:
@@ -587,6 +607,12 @@ class OmicVAE:
         """
         options = ResultOptions() if options is None else options
         options.check()
+        if options.layers and options.denoised_path is None and holds_disk_arrays(adata):
+            gib = adata.n_obs * len(self.var_names) * 4 / 1024**3
+            msg = (f"The counts are on disk, and the denoised layer is {adata.n_obs} cells x "
+                   f"{len(self.var_names)} genes ({gib:.2g} GiB of float32): pass "
+                   "denoised_path='denoised.zarr' to write it there chunk by chunk.")
+            raise ValueError(msg)
         return _results.compute_results(
             self.module, self._tensors(adata), options, params=dict(self.hparams),
             setup=self.setup.to_dict(), history=self.history.to_dict())

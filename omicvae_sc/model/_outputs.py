@@ -39,22 +39,29 @@ def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int
         return stack_rows(data.n_cells, chunks()).cpu().numpy()
 
 
-@torch.inference_mode()
+def expression_chunks(module: VAE, data: CountTensors, library_size: float | str,
+                      cols: np.ndarray, batch_code: int | None) -> Iterator[np.ndarray]:
+    """Decoded expression of the columns ``cols`` at the posterior mean, chunk by chunk of
+    cells in order, scaled to ``library_size`` (or ``"observed"``), decoded in batch
+    ``batch_code`` when given."""
+    with torch.inference_mode():
+        for x, codes in cell_chunks(data):
+            mean = module.inference(x, codes).mean
+            dec_codes = codes
+            if batch_code is not None:
+                dec_codes = codes.clone()
+                dec_codes[:, 0] = batch_code
+            frac = module.expression_fractions(mean, dec_codes)[:, cols]
+            scale = x.sum(-1, keepdim=True) if library_size == "observed" \
+                else float(library_size)
+            yield (frac * scale).cpu().numpy()
+
+
 def expression(module: VAE, data: CountTensors, library_size: float | str, cols: np.ndarray,
                batch_code: int | None) -> np.ndarray:
-    """Decoded expression of the columns ``cols`` at the posterior mean, scaled to
-    ``library_size`` (or ``"observed"``), decoded in batch ``batch_code`` when given."""
-    out = []
-    for x, codes in cell_chunks(data):
-        mean = module.inference(x, codes).mean
-        dec_codes = codes
-        if batch_code is not None:
-            dec_codes = codes.clone()
-            dec_codes[:, 0] = batch_code
-        frac = module.expression_fractions(mean, dec_codes)[:, cols]
-        scale = x.sum(-1, keepdim=True) if library_size == "observed" else float(library_size)
-        out.append((frac * scale).cpu().numpy())
-    return np.concatenate(out)
+    """:func:`expression_chunks` gathered into one ``(n_cells, len(cols))`` array."""
+    return np.concatenate(list(expression_chunks(module, data, library_size, cols,
+                                                 batch_code)))
 
 
 @torch.inference_mode()

@@ -4,10 +4,11 @@ everything ``write_results`` / ``tl.omicvae`` write, as functions of the module 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from omicvae_sc.data import CountTensors, Results, ResultsRecord
+from omicvae_sc.data import CountTensors, Results, ResultsRecord, check_new_output, write_dense
 from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
 from omicvae_sc.model._runtime import seeded, stage
@@ -59,9 +60,16 @@ class ResultOptions:
     doublets: bool = True
     doublet_rate: float | None = None
     seed: int = 0
+    denoised_path: str | Path | None = None  # write the denoised layer there, not in memory
 
     def check(self) -> None:
         """Raise on unusable options, before any work is done."""
+        if self.denoised_path is not None:
+            if not self.layers:
+                msg = ("denoised_path is where the denoised layer is written; it needs "
+                       "layers=True.")
+                raise ValueError(msg)
+            check_new_output(self.denoised_path, "denoised_path")
         _scores.check_rate("contamination", self.contamination)
         _scores.check_rate("doublet_rate", self.doublet_rate)
         _scores.check_n_mads(self.n_mads)
@@ -100,8 +108,14 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     denoised = None
     if options.layers:
         with stage("denoised expression"):
-            denoised = _outputs.expression(module, data, "observed", np.arange(data.n_genes),
-                                           None)
+            every = np.arange(data.n_genes)
+            if options.denoised_path is None:
+                denoised = _outputs.expression(module, data, "observed", every, None)
+            else:  # chunk by chunk into a new file, never whole in memory
+                denoised = write_dense(options.denoised_path, (data.n_cells, data.n_genes),
+                                       _outputs.expression_chunks(module, data, "observed",
+                                                                  every, None),
+                                       what="denoised_path")
     record = ResultsRecord(params=params, setup=setup, history=history,
                            latent_diagnostics=diagnostics, **flag_rules)
     return Results(latent=latent, obs=obs, record=record, denoised=denoised)

@@ -23,6 +23,7 @@ def omicvae(
     doublet_rate: float | None = None, n_top_genes: int | None = None, progress_bar: bool = True,
     model_kwargs: dict | None = None, train_kwargs: dict | None = None,
     allow_non_integer: bool = False, save_model: str | Path | None = None, copy: bool = False,
+    denoised_path: str | Path | None = None,
 ) -> AnnData | None:
     """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
 
@@ -82,6 +83,10 @@ def omicvae(
         an existing path is an error raised before training.
     copy
         Work on and return a copy instead of writing into ``adata``.
+    denoised_path
+        With ``layers=True``, write the denoised layer chunk by chunk into this new ``.zarr``
+        store and place it in ``layers`` as an array on disk; needed when the
+        counts are on disk (an AnnData from ``ov.read_lazy`` or ``backed="r"``).
 
     Returns
     -------
@@ -117,7 +122,8 @@ def omicvae(
     """
     check_key_added(key_added)
     options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
-                            doublets=doublets, doublet_rate=doublet_rate, seed=seed)
+                            doublets=doublets, doublet_rate=doublet_rate, seed=seed,
+                            denoised_path=denoised_path)
     options.check()  # before training, as the rest of the input
     check_n_top_genes(n_top_genes)
     if holds_disk_arrays(adata):
@@ -125,6 +131,11 @@ def omicvae(
             msg = ("copy=True cannot copy an AnnData whose counts are on disk (backed, or from "
                    "ov.read_lazy). Leave copy=False: the results go into the object in memory "
                    "and the file is not changed; or load it first with adata.to_memory().")
+            raise ValueError(msg)
+        if layers and denoised_path is None:
+            msg = ("The counts are on disk, and the denoised layer (cells x genes) would be "
+                   "held in memory: pass denoised_path='denoised.zarr' to write it "
+                   "there chunk by chunk.")
             raise ValueError(msg)
         if n_top_genes is not None and n_top_genes < adata.n_vars:
             msg = ("n_top_genes ranks the genes on every count in memory, and these counts "
