@@ -369,3 +369,54 @@ def test_a_full_disk_leaves_no_output_and_the_input_unchanged(on_disk, tmp_path)
     assert "obsm: []" in proc.stdout
     assert list(out_dir.iterdir()) == []
     assert _sha(path) == before
+
+
+# ---------------------------------------------------------------------------- gene subsets
+def test_genes_are_taken_from_every_block_as_from_a_copy(on_disk, tmp_path):
+    """``genes="highly_variable"`` on a backed file (one block) trains bitwise as the copy of
+    those genes in memory does; results are written into the AnnData of all genes (the
+    denoised layer, in memory, NaN outside them), and a saved model loads onto the full
+    AnnData."""
+    mem, path = on_disk
+    chosen = np.zeros(mem.n_vars, dtype=bool)
+    chosen[::3] = True
+    with h5py.File(path, "r+") as f:  # the column, written into the file as a user's would be
+        ad.io.write_elem(f, "var", mem.var.assign(highly_variable=chosen))
+    copy = mem[:, chosen].copy()
+    OmicVAE.setup_anndata(copy, batch_key="batch")
+    reference = OmicVAE(copy, n_latent=2, n_hidden=16, device="cpu")
+    reference.train(4, progress_bar=False)
+    disk = ad.read_h5ad(path, backed="r")
+    OmicVAE.setup_anndata(disk, batch_key="batch", genes="highly_variable")
+    model = OmicVAE(disk, n_latent=2, n_hidden=16, device="cpu")
+    assert list(model.var_names) == list(copy.var_names)
+    model.train(4, progress_bar=False, block_rows=10**6)
+    w_ref, w_disk = _weights(reference), _weights(model)
+    assert all(torch.equal(w_ref[k], w_disk[k]) for k in w_ref)
+    model.write_results(disk, anomaly=False, doublets=False)
+    np.testing.assert_array_equal(disk.var["omicvae_genes"].to_numpy(), chosen)
+    np.testing.assert_array_equal(disk.obsm["X_omicvae"], reference.get_latent_representation())
+    model.write_results(mem, layers=True, anomaly=False, doublets=False)  # found by name
+    layer = mem.layers["omicvae_denoised"]
+    assert np.isnan(layer[:, ~chosen]).all() and np.isfinite(layer[:, chosen]).all()
+    model.save(tmp_path / "model")
+    loaded = OmicVAE.load(tmp_path / "model", mem)
+    np.testing.assert_array_equal(loaded.get_latent_representation(mem),
+                                  reference.get_latent_representation())
+    disk.file.close()
+
+
+@pytest.mark.parametrize(("genes", "error", "match"), [
+    ("nope", KeyError, r"adata.var has no column 'nope' \(passed as genes\)"),
+    ("n_counts", ValueError, r"adata.var\['n_counts'\] \(passed as genes\) has dtype float"),
+    (np.ones(5, dtype=bool), ValueError, r"genes is a boolean mask of 5 values; adata has 60"),
+    (["gene1", "TP53"], KeyError, r"1 of the genes passed as genes are not in adata"),
+    (["gene1", "gene1"], ValueError, r"genes names a gene more than once"),
+    (np.zeros(60, dtype=bool), ValueError, r"genes selects no gene"),
+])
+def test_bad_gene_selections_are_refused(synthetic, adata_fingerprint, genes, error, match):
+    synthetic.var["n_counts"] = np.asarray(synthetic.X.sum(0)).ravel()
+    before = adata_fingerprint(synthetic)
+    with pytest.raises(error, match=match):
+        OmicVAE.setup_anndata(synthetic, genes=genes)
+    assert adata_fingerprint(synthetic) == before

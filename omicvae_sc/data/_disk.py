@@ -163,9 +163,13 @@ class RowReader:
         Cell names, for messages.
     allow_non_integer
         Accept non-integer values (the user's choice at set-up).
+    columns
+        Positions of the genes to read (increasing); ``None``: every gene. Each block is read
+        whole and these columns taken from it.
     """
 
-    def __init__(self, matrix, where: str, obs_names, *, allow_non_integer: bool = False):
+    def __init__(self, matrix, where: str, obs_names, *, allow_non_integer: bool = False,
+                 columns: np.ndarray | None = None):
         if isinstance(matrix, ad.abc.CSCDataset):
             msg = (f"{where} is stored as CSC (by gene), so each block of cells would read the "
                    "whole matrix. Rewrite it by cell: `adata = anndata.read_h5ad(path); "
@@ -176,7 +180,10 @@ class RowReader:
         self.obs_names = obs_names
         self.allow_non_integer = allow_non_integer
         self.file = file_of(matrix)
-        self.n_cells, self.n_genes = (int(s) for s in matrix.shape)
+        self.n_cells, n_stored = (int(s) for s in matrix.shape)
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.n_stored = n_stored
+        self.n_genes = n_stored if columns is None else len(self.columns)
         self.saw_non_integer = False  # found, and accepted with allow_non_integer
         self._paths = _watched(matrix, self.file)
         self._stamp = _stamp(self._paths)
@@ -198,11 +205,13 @@ class RowReader:
             msg = (f"Could not read rows {lo}:{hi} of {self.name} ({type(err).__name__}: "
                    f"{err}); the file may be truncated or damaged.")
             raise OSError(msg) from err
-        if block.shape != (hi - lo, self.n_genes):
+        if block.shape != (hi - lo, self.n_stored):
             msg = (f"Rows {lo}:{hi} of {self.name} came back with shape {block.shape}, not "
-                   f"{(hi - lo, self.n_genes)}; the file is damaged or was changed.")
+                   f"{(hi - lo, self.n_stored)}; the file is damaged or was changed.")
             raise OSError(msg)
         block = sp.csr_matrix(block)
+        if self.columns is not None:
+            block = block[:, self.columns]
         self._check_values(block, lo, hi)
         if not block.has_canonical_format:
             block.sum_duplicates()

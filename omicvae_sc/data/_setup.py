@@ -29,7 +29,9 @@ class AnnDataSetup:
 
     ``covariate_keys`` lists the batch key first (when given), then the other covariates;
     ``categories`` holds, for each of them, the category names in code order.
-    ``allow_non_integer`` records that the user accepted non-integer counts.
+    ``allow_non_integer`` records that the user accepted non-integer counts. ``genes``, when
+    set, names the genes modelled (a subset of the AnnData's, in its order), read from the
+    counts a block at a time; ``None`` models every gene.
     """
 
     layer: str | None
@@ -37,6 +39,7 @@ class AnnDataSetup:
     covariate_keys: tuple[str, ...]
     categories: tuple[tuple[str, ...], ...]
     allow_non_integer: bool = False
+    genes: tuple[str, ...] | None = None
 
     @property
     def counts_where(self) -> str:
@@ -58,6 +61,8 @@ class AnnDataSetup:
                                                        strict=True)}
         if self.allow_non_integer:
             d["allow_non_integer"] = True
+        if self.genes is not None:
+            d["genes"] = list(self.genes)
         return d
 
     @classmethod
@@ -70,6 +75,8 @@ class AnnDataSetup:
             covariate_keys=keys,
             categories=tuple(tuple(str(c) for c in np.atleast_1d(cats[k])) for k in keys),
             allow_non_integer=bool(d.get("allow_non_integer", False)),
+            genes=(tuple(str(g) for g in np.atleast_1d(d["genes"])) if "genes" in d
+                   else None),
         )
 
 
@@ -93,15 +100,19 @@ def obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
 def build_setup(
     adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
     categorical_covariate_keys: list[str] | tuple[str, ...] | None = None,
-    allow_non_integer: bool = False,
+    allow_non_integer: bool = False, genes=None,
 ) -> AnnDataSetup:
     """Validate ``adata`` and describe its counts and covariates, without writing anything.
 
-    Warns (and goes on) about genes without counts and covariate categories of one cell.
+    ``genes`` (a boolean ``var`` column name, a boolean mask or gene names) selects the genes
+    to model; only those columns are checked and read. Warns (and goes on) about genes
+    without counts and covariate categories of one cell.
     """
     check_anndata_object(adata)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    counts = checked_counts(adata, layer, where, allow_non_integer=allow_non_integer)
+    columns = gene_positions(adata, genes)
+    counts = checked_counts(adata, layer, where, allow_non_integer=allow_non_integer,
+                            columns=columns)
     if isinstance(counts, RowReader):  # on disk: one pass that checks every block
         _, detected = counts.scan(BLOCK_ROWS)
         if counts.saw_non_integer:
@@ -124,12 +135,61 @@ def build_setup(
         else:
             cats = pd.Index(np.unique(col.astype(str)))
         categories.append(tuple(str(c) for c in cats))
+    named = adata if columns is None else adata[:, columns]  # for the genes' names only
     if isinstance(counts, RowReader):
-        warn_empty_genes(adata, detected, where)
+        warn_empty_genes(named, detected, where)
     else:
-        warn_unusual_counts(adata, counts, where)
+        warn_unusual_counts(named, counts, where)
     return AnnDataSetup(layer=layer, batch_key=batch_key, covariate_keys=keys,
-                        categories=tuple(categories), allow_non_integer=allow_non_integer)
+                        categories=tuple(categories), allow_non_integer=allow_non_integer,
+                        genes=None if columns is None
+                        else tuple(str(g) for g in adata.var_names[columns]))
+
+
+def gene_positions(adata: AnnData, genes) -> np.ndarray | None:
+    """Positions in ``adata.var_names`` (increasing) of the genes ``genes`` selects: the name
+    of a boolean ``adata.var`` column, a boolean mask over the genes, or gene names; ``None``
+    (and a selection of every gene) gives ``None``."""
+    if genes is None:
+        return None
+    if isinstance(genes, str):
+        if genes not in adata.var.columns:
+            msg = (f"adata.var has no column {genes!r} (passed as genes); available columns: "
+                   f"{list(adata.var.columns)[:10]}. Pass a boolean var column, a boolean "
+                   "mask or a list of gene names.")
+            raise KeyError(msg)
+        values = adata.var[genes].to_numpy()
+        if values.dtype != bool:
+            msg = (f"adata.var[{genes!r}] (passed as genes) has dtype {values.dtype}; "
+                   "expected booleans (True for the genes to model).")
+            raise ValueError(msg)
+        mask = values
+    else:
+        given = np.asarray(genes)
+        if given.dtype == bool:
+            if given.shape != (adata.n_vars,):
+                msg = (f"genes is a boolean mask of {given.size} values; adata has "
+                       f"{adata.n_vars} genes.")
+                raise ValueError(msg)
+            mask = given
+        else:
+            names = given.astype(str).ravel()
+            index = pd.Index(adata.var_names).get_indexer(names)
+            if (index < 0).any():
+                missing = names[index < 0][:3].tolist()
+                msg = (f"{int((index < 0).sum())} of the genes passed as genes are not in "
+                       f"adata.var_names (e.g. {missing}).")
+                raise KeyError(msg)
+            if len(np.unique(index)) != len(index):
+                msg = "genes names a gene more than once; pass each gene once."
+                raise ValueError(msg)
+            mask = np.zeros(adata.n_vars, dtype=bool)
+            mask[index] = True
+    positions = np.flatnonzero(mask)
+    if positions.size == 0:
+        msg = "genes selects no gene; select at least one gene to model."
+        raise ValueError(msg)
+    return None if positions.size == adata.n_vars else positions
 
 
 def read_setup(adata: AnnData) -> AnnDataSetup:

@@ -162,11 +162,16 @@ def warn_small_categories(key: str, values: np.ndarray) -> None:
 
 
 def checked_counts(adata: AnnData, layer: str | None, where: str, *,
-                   allow_non_integer: bool = False):
-    """The counts of ``adata`` ready to read: a matrix in memory, checked whole, or for counts
-    on disk a :class:`RowReader` that checks every block as it reads it."""
+                   allow_non_integer: bool = False, columns: np.ndarray | None = None):
+    """The counts of ``adata`` ready to read, of the genes ``columns`` (positions; ``None``:
+    all): a matrix in memory, checked whole, or for counts on disk a :class:`RowReader` that
+    takes the columns from every block and checks the block as it reads it."""
     counts = get_counts(adata, layer)
     if is_on_disk(counts):
-        return RowReader(counts, where, adata.obs_names, allow_non_integer=allow_non_integer)
+        return RowReader(counts, where, adata.obs_names, allow_non_integer=allow_non_integer,
+                         columns=columns)
+    if columns is not None:
+        counts = counts[:, columns]
+        adata = adata[:, columns]  # a view, for the genes' names in messages
     check_counts(adata, counts, where, allow_non_integer=allow_non_integer)
     return counts

@@ -26,17 +26,22 @@ class Results:
     denoised: np.ndarray | None = None  # (cells, genes), in memory or an array on disk
     var: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # suffix -> (genes,)
 
-    def on_genes(self, mask: np.ndarray) -> Results:
-        """These results, fitted on the genes ``mask`` selects, for the AnnData of all genes:
-        the denoised expression is NaN for the genes not modelled, and ``var['<key>_genes']``
-        says which genes were."""
+    def on_genes(self, genes: np.ndarray, n_genes: int | None = None) -> Results:
+        """These results, fitted on the genes ``genes`` selects (a boolean mask over the
+        AnnData's genes, or the positions of the model's genes among its ``n_genes``), for the
+        AnnData of all genes: the denoised expression is NaN for the genes not modelled, and
+        ``var['<key>_genes']`` says which genes were."""
+        genes = np.asarray(genes)
+        mask = genes.astype(bool) if genes.dtype == bool else np.zeros(n_genes, dtype=bool)
+        if genes.dtype != bool:
+            mask[genes] = True
         denoised = self.denoised
         if denoised is not None:
             denoised = np.full((len(denoised), len(mask)), np.nan, dtype=np.float32)
-            denoised[:, mask] = self.denoised
+            denoised[:, genes] = self.denoised
         params = {**self.record.params, "n_top_genes": int(np.sum(mask))}
         return dataclasses.replace(self, denoised=denoised,
-                                   var={**self.var, "genes": np.asarray(mask, dtype=bool)},
+                                   var={**self.var, "genes": mask},
                                    record=dataclasses.replace(self.record, params=params))
 
 

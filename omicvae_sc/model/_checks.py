@@ -64,6 +64,22 @@ def check_same_genes(expected: np.ndarray, found: pd.Index, *,
     raise ValueError(msg)
 
 
+def model_columns(expected: np.ndarray, found: pd.Index) -> np.ndarray | None:
+    """Positions of the model's genes ``expected`` among the AnnData's genes ``found``
+    (``None`` when they are exactly its genes, in order); raises naming missing genes."""
+    found = pd.Index(np.asarray(found, dtype=str))
+    index = found.get_indexer(expected)
+    if (index < 0).any():
+        missing = expected[index < 0]
+        msg = (f"{missing.size} of the model's {len(expected)} genes are not in adata (e.g. "
+               f"{missing[:3].tolist()}); use an AnnData with every gene the model was "
+               "trained on.")
+        raise ValueError(msg)
+    if len(index) == len(found) and (index == np.arange(len(found))).all():
+        return None
+    return index
+
+
 def validation_split(
     n: int, fraction: float, early_stopping: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

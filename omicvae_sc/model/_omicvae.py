@@ -44,6 +44,7 @@ from omicvae_sc.model._checks import (
     check_hyperparameters,
     check_same_genes,
     gene_columns,
+    model_columns,
 )
 from omicvae_sc.model._diagnostics import (
     MI_CELLS,
@@ -130,7 +131,8 @@ class OmicVAE:
         self.adata = adata
         self.setup = setup
         self.hparams = hparams
-        self.var_names = np.asarray(adata.var_names, dtype=str)
+        self.var_names = np.asarray(adata.var_names if setup.genes is None else setup.genes,
+                                    dtype=str)
         self.device = resolve_device(device)
         with seeded(hparams["seed"], self.device):
             module_args = {k: v for k, v in hparams.items() if k != "seed"}
@@ -152,6 +154,7 @@ class OmicVAE:
     def setup_anndata(
         adata: AnnData, *, layer: str | None = None, batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None, allow_non_integer: bool = False,
+        genes: str | list[str] | np.ndarray | None = None,
     ) -> None:
         """Validate ``adata`` and record which counts and covariates to model.
 
@@ -172,10 +175,16 @@ class OmicVAE:
         allow_non_integer
             Accept non-integer values (e.g. ambient-corrected counts) with a warning instead of
             an error; the NB/ZINB likelihood is then an approximation.
+        genes
+            Model only these genes: the name of a boolean ``adata.var`` column (e.g.
+            ``"highly_variable"``), a boolean mask or a list of gene names (``None``: every
+            gene). Their columns are taken from the counts a block of cells at a time, so an
+            AnnData on disk is never read whole; results are written into the AnnData of all
+            genes, ``var['<key>_genes']`` marking the genes modelled.
         """
         setup = build_setup(adata, layer=layer, batch_key=batch_key,
                             categorical_covariate_keys=categorical_covariate_keys,
-                            allow_non_integer=allow_non_integer)
+                            allow_non_integer=allow_non_integer, genes=genes)
         adata.uns[SETUP_KEY] = setup.to_dict()
 
     def _host_data(self, adata: AnnData | None):
@@ -184,10 +193,19 @@ class OmicVAE:
         checks each block as it reads it. A view is read as it is."""
         adata = self.adata if adata is None else adata
         check_anndata_object(adata)
-        check_same_genes(self.var_names, adata.var_names)
         counts = checked_counts(adata, self.setup.layer, self.setup.counts_where,
-                                allow_non_integer=self.setup.allow_non_integer)
+                                allow_non_integer=self.setup.allow_non_integer,
+                                columns=self._columns(adata))
         return counts, covariate_codes(adata, self.setup)
+
+    def _columns(self, adata: AnnData) -> np.ndarray | None:
+        """Where the model's genes are in ``adata`` (``None``: they are its genes, in order).
+        A model set up with ``genes=`` finds its genes by name among more; otherwise the
+        genes must be the model's."""
+        if self.setup.genes is None:
+            check_same_genes(self.var_names, adata.var_names)
+            return None
+        return model_columns(self.var_names, adata.var_names)
 
     def _tensors(self, adata: AnnData | None):
         return count_source(*self._host_data(adata), self.device)
@@ -613,9 +631,16 @@ class OmicVAE:
                    f"{len(self.var_names)} genes ({gib:.2g} GiB of float32): pass "
                    "denoised_path='denoised.zarr' to write it there chunk by chunk.")
             raise ValueError(msg)
-        return _results.compute_results(
+        columns = self._columns(adata)
+        if columns is not None and options.layers and options.denoised_path is not None:
+            msg = (f"The denoised layer on disk would hold the model's {len(columns)} genes, "
+                   f"not adata's {adata.n_vars}; write it with "
+                   "model.get_normalized_expression(adata, out='denoised.zarr') instead.")
+            raise ValueError(msg)
+        results = _results.compute_results(
             self.module, self._tensors(adata), options, params=dict(self.hparams),
             setup=self.setup.to_dict(), history=self.history.to_dict())
+        return results if columns is None else results.on_genes(columns, adata.n_vars)
 
     # ------------------------------------------------------------------ self-report
     def get_latent_diagnostics(
@@ -816,11 +841,15 @@ class OmicVAE:
         """
         meta, state = _io.read_model(Path(path))
         check_anndata_object(adata)
-        check_same_genes(np.asarray(meta["var_names"], dtype=str), adata.var_names,
-                         subset=f"adata = adata[:, ov.OmicVAE.saved_var_names({str(path)!r})]"
-                         ".copy()")
-        model = cls.from_setup(adata, AnnDataSetup.from_dict(meta["setup"]), device=device,
-                               **meta["hparams"])
+        setup = AnnDataSetup.from_dict(meta["setup"])
+        saved = np.asarray(meta["var_names"], dtype=str)
+        if setup.genes is None:
+            check_same_genes(saved, adata.var_names,
+                             subset=f"adata = adata[:, ov.OmicVAE.saved_var_names("
+                             f"{str(path)!r})].copy()")
+        else:  # a model of selected genes finds them by name
+            model_columns(saved, adata.var_names)
+        model = cls.from_setup(adata, setup, device=device, **meta["hparams"])
         model.module.load_state_dict(state)
         model.module.eval()
         model.history = History.from_dict(meta["history"])

@@ -140,8 +140,9 @@ def omicvae(
         if n_top_genes is not None and n_top_genes < adata.n_vars:
             msg = ("n_top_genes ranks the genes on every count in memory, and these counts "
                    "are on disk (backed, or from ov.read_lazy); it is not done by blocks yet. "
-                   "Fit every gene of the file (n_top_genes=None), or load the cells first "
-                   "with adata.to_memory().")
+                   "Choose the genes on a sample of cells and fit them with the model object, "
+                   "which reads only their columns: OmicVAE.setup_anndata(adata, "
+                   "genes=chosen); or fit every gene (n_top_genes=None).")
             raise ValueError(msg)
     if save_model is not None and Path(save_model).exists():
         msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
