@@ -45,7 +45,9 @@ def _zarr():
 
 def holds_disk_arrays(adata: AnnData) -> bool:
     """Whether ``adata`` is backed or keeps ``X`` or a layer on disk (it cannot be copied in
-    memory as it is)."""
+    memory as it is). Anything but an AnnData is left to the AnnData check to refuse."""
+    if not isinstance(adata, AnnData):
+        return False
     return adata.isbacked or is_on_disk(adata.X) or any(
         is_on_disk(adata.layers[k]) for k in adata.layers if k is not None)
 
