@@ -30,6 +30,23 @@ BLOCK_ROWS = 1024
 BUFFER_BLOCKS = 16
 """Blocks shuffled together: 16,384 cells at the default block size."""
 
+PREFETCH = True
+"""Read the next buffer on a thread while the current one is served."""
+
+
+class _Done:
+    """A finished result, with the interface of a future (reading without a thread)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def _run_now(fn, *args) -> _Done:
+    return _Done(fn(*args))
+
 
 class BlockStream:
     """The cells ``cells`` of an on-disk count matrix as minibatches, for training and for
@@ -60,6 +77,7 @@ class BlockStream:
         self.device = torch.device(device)
         self.n_genes = reader.n_genes
         self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
+        self.prefetch = PREFETCH
         served = np.arange(reader.n_cells) if cells is None else np.sort(
             np.asarray(cells, dtype=np.int64))
         self.n_cells = len(served)
@@ -133,12 +151,13 @@ class BlockStream:
                   for i in range(0, n_blocks, self.buffer_blocks)]
         served = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omicvae-read") as pool:
-            pending = pool.submit(self._read, groups[0])
+            submit = pool.submit if self.prefetch else _run_now
+            pending = submit(self._read, groups[0])
             carry: tuple[sp.csr_matrix, np.ndarray | None] | None = None
             for i in range(len(groups)):
                 counts, codes = pending.result()
                 if i + 1 < len(groups):  # read the next buffer while this one is served
-                    pending = pool.submit(self._read, groups[i + 1])
+                    pending = submit(self._read, groups[i + 1])
                 if carry is not None:
                     counts = sp.vstack([carry[0], counts], format="csr")
                     codes = None if codes is None else np.concatenate([carry[1], codes])
