@@ -108,7 +108,7 @@ def write(out: Path, source: ad.AnnData, source_name: str, n_cells: int, *, chun
     del obs, names
     counts = source.X
     t0, written = time.perf_counter(), 0
-    kwargs = {} if is_zarr else {"dataset_kwargs": {"maxshape": (None,), "chunks": (2**18,)}}
+    kwargs = {}  # anndata makes the arrays resizable for append
     for lo in range(0, n_cells, chunk):
         x = draw(counts, rows[lo:lo + chunk], rng)
         if lo == 0:
