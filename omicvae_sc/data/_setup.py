@@ -12,6 +12,7 @@ from anndata import AnnData
 from omicvae_sc.data._disk import RowReader
 from omicvae_sc.data._stream import BLOCK_ROWS
 from omicvae_sc.data._validate import (
+    NON_INTEGER_ACCEPTED,
     check_anndata_object,
     checked_counts,
     warn_empty_genes,
@@ -116,9 +117,7 @@ def build_setup(
     if isinstance(counts, RowReader):  # on disk: one pass that checks every block
         _, detected = counts.scan(BLOCK_ROWS)
         if counts.saw_non_integer:
-            msg = (f"{counts.name} holds non-integer values. Fitting them as given "
-                   "(allow_non_integer=True): the NB/ZINB likelihood is defined on counts, so "
-                   "likelihoods are approximate.")
+            msg = f"{counts.name} holds non-integer values. {NON_INTEGER_ACCEPTED}"
             warnings.warn(msg, UserWarning, stacklevel=2)
     extra = tuple(categorical_covariate_keys or ())
     keys = ((batch_key,) if batch_key is not None else ()) + extra

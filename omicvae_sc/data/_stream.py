@@ -5,8 +5,9 @@ Reading single cells in random order from an ``.h5ad`` or zarr file is what make
 slow (each cell is several small reads). Here an epoch visits the blocks in a random order, reads
 ``buffer_blocks`` of them at a time (each one read of every stored array), shuffles the cells of
 the buffer together and serves minibatches from it, while the next buffer is read on a thread
-(HDF5 and zarr release Python's lock while they read and decompress, and torch while it
-computes). Cells left over at the end of a buffer join the next one, so every minibatch but the
+(torch releases Python's lock while it computes, so the reading overlaps the step; whether
+h5py reads in parallel with it is not assumed, and ``PREFETCH`` turns the thread off). Cells
+left over at the end of a buffer join the next one, so every minibatch but the
 epoch's last has ``batch_size`` cells, as in memory. With one block holding every cell the
 order is exactly the in-memory loader's for the same generator.
 """
@@ -81,6 +82,7 @@ class BlockStream:
         served = np.arange(reader.n_cells) if cells is None else np.sort(
             np.asarray(cells, dtype=np.int64))
         self.n_cells = len(served)
+        self._served_all = served
         self._codes_all = codes
         self.codes = None if codes is None else torch.as_tensor(codes[served],
                                                                 device=self.device)
@@ -99,8 +101,7 @@ class BlockStream:
         order, with their covariate codes."""
         parts, rows = [], []
         for b in blocks:
-            lo = int(self._blocks[b]) * self.block_rows
-            hi = min(lo + self.block_rows, self.reader.n_cells)
+            lo, hi = self._span(int(self._blocks[b]))
             keep = self._served[b]
             block = self.reader.read(lo, hi)
             parts.append(block if len(keep) == hi - lo else block[keep - lo])
@@ -115,13 +116,9 @@ class BlockStream:
         :meth:`CountTensors.rows` gives them. Each block holding one of them is read once per
         call, so callers ask for many cells at a time."""
         pos = np.asarray(idx.cpu() if idx_host is None else idx_host, dtype=np.int64)
-        wanted = self._served_rows()[pos]
+        wanted = self._served_all[pos]
         blocks = np.unique(wanted // self.block_rows)
-        parts = []
-        for b in blocks:
-            lo = int(b) * self.block_rows
-            hi = min(lo + self.block_rows, self.reader.n_cells)
-            parts.append(self.reader.read(lo, hi))
+        parts = [self.reader.read(*self._span(int(b))) for b in blocks]
         stacked = sp.vstack(parts, format="csr")
         starts = np.searchsorted(blocks, wanted // self.block_rows)
         offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])])[starts]
@@ -129,8 +126,10 @@ class BlockStream:
         every = torch.arange(len(pos), device=self.device)
         return held.rows(every, np.arange(len(pos)), nonzero=nonzero)
 
-    def _served_rows(self) -> np.ndarray:
-        return np.concatenate(self._served)
+    def _span(self, block: int) -> tuple[int, int]:
+        """The rows ``lo:hi`` of the file's block number ``block``."""
+        lo = block * self.block_rows
+        return lo, min(lo + self.block_rows, self.reader.n_cells)
 
     def batches(
         self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
@@ -198,7 +197,8 @@ def count_source(counts, codes: np.ndarray | None, device: torch.device | str = 
                  cells: np.ndarray | None = None, block_rows: int = BLOCK_ROWS,
                  buffer_blocks: int = BUFFER_BLOCKS) -> CountTensors | BlockStream:
     """Minibatches of ``counts``: held on the device when they are in memory, streamed from
-    disk when ``counts`` is a :class:`RowReader`. The one place that decides."""
+    disk when ``counts`` is a :class:`RowReader` (the block settings apply only there). The
+    one place that decides."""
     if isinstance(counts, RowReader):
         return BlockStream(counts, codes, device, cells=cells, block_rows=block_rows,
                            buffer_blocks=buffer_blocks)

@@ -15,6 +15,11 @@ from omicvae_sc.module import Pass, chunk_rows
 
 CPU = torch.device("cpu")  # the counts are checked on the host
 
+NON_INTEGER_ACCEPTED = ("Fitting them as given (allow_non_integer=True): the NB/ZINB likelihood "
+                        "is defined on counts, so likelihoods are approximate.")
+"""What the warning about non-integer counts adds when they were accepted, in memory or on
+disk."""
+
 
 def check_anndata_object(adata: AnnData) -> None:
     """Reject empty objects and duplicated gene names.
@@ -110,9 +115,7 @@ def check_counts(adata: AnnData, matrix, where: str, *, allow_non_integer: bool 
                 cell, gene, value = _where(adata, matrix, bad)
                 msg = f"{where} holds {what} (first {value:g} at cell {cell!r}, gene {gene!r}). "
                 if what == "non-integer values" and allow_non_integer:
-                    msg += ("Fitting them as given (allow_non_integer=True): the NB/ZINB "
-                            "likelihood is defined on counts, so likelihoods are approximate.")
-                    warnings.warn(msg, UserWarning, stacklevel=2)
+                    warnings.warn(msg + NON_INTEGER_ACCEPTED, UserWarning, stacklevel=2)
                     continue
                 raise ValueError(msg + todo)
     elif _any_in_blocks(values, lambda v: v < 0):

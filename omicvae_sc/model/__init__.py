@@ -7,7 +7,12 @@ from omicvae_sc.model._checks import validation_split
 from omicvae_sc.model._diagnostics import LatentDiagnostics
 from omicvae_sc.model._omicvae import OmicVAE
 from omicvae_sc.model._refine import RefinedLatent
-from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS, ResultOptions
+from omicvae_sc.model._results import (
+    LOG_LIKELIHOOD_SAMPLES,
+    N_MADS,
+    ResultOptions,
+    check_denoised_target,
+)
 from omicvae_sc.model._runtime import stage
 
 __all__ = [
@@ -17,6 +22,7 @@ __all__ = [
     "OmicVAE",
     "RefinedLatent",
     "ResultOptions",
+    "check_denoised_target",
     "stage",
     "validation_split",
 ]

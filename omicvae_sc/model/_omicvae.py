@@ -31,7 +31,6 @@ from omicvae_sc.data import (
     checked_counts,
     count_source,
     covariate_codes,
-    holds_disk_arrays,
     read_setup,
     write_dense,
     write_keys,
@@ -625,12 +624,7 @@ class OmicVAE:
         """
         options = ResultOptions() if options is None else options
         options.check()
-        if options.layers and options.denoised_path is None and holds_disk_arrays(adata):
-            gib = adata.n_obs * len(self.var_names) * 4 / 1024**3
-            msg = (f"The counts are on disk, and the denoised layer is {adata.n_obs} cells x "
-                   f"{len(self.var_names)} genes ({gib:.2g} GiB of float32): pass "
-                   "denoised_path='denoised.zarr' to write it there chunk by chunk.")
-            raise ValueError(msg)
+        _results.check_denoised_target(options, adata, len(self.var_names))
         columns = self._columns(adata)
         if columns is not None and options.layers and options.denoised_path is not None:
             msg = (f"The denoised layer on disk would hold the model's {len(columns)} genes, "

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from omicvae_sc.data import CountTensors, Results, ResultsRecord, check_new_output, write_dense
+from omicvae_sc.data import (
+    CountTensors,
+    Results,
+    ResultsRecord,
+    check_new_output,
+    holds_disk_arrays,
+    write_dense,
+)
 from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
 from omicvae_sc.model._runtime import seeded, stage
@@ -74,6 +81,19 @@ class ResultOptions:
         _scores.check_rate("doublet_rate", self.doublet_rate)
         _scores.check_n_mads(self.n_mads)
         check_count("n_samples", self.n_samples)
+
+
+def check_denoised_target(options: ResultOptions, adata, n_genes: int | None = None) -> None:
+    """With counts on disk the denoised layer (cells x ``n_genes``, default all of ``adata``'s)
+    goes to a file: refuse ``layers=True`` without ``denoised_path``, before anything is
+    trained or computed."""
+    if options.layers and options.denoised_path is None and holds_disk_arrays(adata):
+        n_genes = adata.n_vars if n_genes is None else n_genes
+        gib = adata.n_obs * n_genes * 4 / 1024**3
+        msg = (f"The counts are on disk, and the denoised layer is {adata.n_obs} cells x "
+               f"{n_genes} genes ({gib:.2g} GiB of float32): pass "
+               "denoised_path='denoised.zarr' to write it there chunk by chunk.")
+        raise ValueError(msg)
 
 
 def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,

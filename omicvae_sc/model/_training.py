@@ -85,8 +85,7 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
         cuda_graphs=request.cuda_graphs)
     on_disk = isinstance(counts, RowReader)
     stream = {"block_rows": request.block_rows, "buffer_blocks": request.buffer_blocks}
-    train_data, val_data = (count_source(counts, codes, device, cells=idx,
-                                         **(stream if on_disk else {}))
+    train_data, val_data = (count_source(counts, codes, device, cells=idx, **stream)
                             if len(idx) else None for idx in (train_idx, val_idx))
     plan = resume_from = None
     if request.checkpoint_dir is not None:

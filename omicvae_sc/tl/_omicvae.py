@@ -11,7 +11,7 @@ from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.data._disk import holds_disk_arrays
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
-from omicvae_sc.model import OmicVAE, ResultOptions, stage
+from omicvae_sc.model import OmicVAE, ResultOptions, check_denoised_target, stage
 
 
 def omicvae(
@@ -126,16 +126,12 @@ def omicvae(
                             denoised_path=denoised_path)
     options.check()  # before training, as the rest of the input
     check_n_top_genes(n_top_genes)
+    check_denoised_target(options, adata)
     if holds_disk_arrays(adata):
         if copy:
             msg = ("copy=True cannot copy an AnnData whose counts are on disk (backed, or from "
                    "ov.read_lazy). Leave copy=False: the results go into the object in memory "
                    "and the file is not changed; or load it first with adata.to_memory().")
-            raise ValueError(msg)
-        if layers and denoised_path is None:
-            msg = ("The counts are on disk, and the denoised layer (cells x genes) would be "
-                   "held in memory: pass denoised_path='denoised.zarr' to write it "
-                   "there chunk by chunk.")
             raise ValueError(msg)
         if n_top_genes is not None and n_top_genes < adata.n_vars:
             msg = ("n_top_genes ranks the genes on every count in memory, and these counts "
