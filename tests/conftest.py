@@ -1,10 +1,11 @@
 """Shared fixtures: copies of cached data sets, an AnnData fingerprint, the real-data folder.
 
-Nothing global is set here (no seeding, no logging configuration, no torch flags) but one
-thing: under pytest-xdist each worker gets its share of the cores as torch threads (and as
-``OMP_NUM_THREADS`` for the commands tests start). With torch's default of a thread per core
-in every worker, two workers on two cores oversubscribe them, and OpenMP's waiting made
-``tests/test_writeback.py`` 13x slower (129 s, against 9.9 s with one thread per worker).
+Nothing global is set here (no seeding, no logging configuration, no torch flags) but torch's
+thread count: under pytest-xdist each worker gets its share of the cores as torch threads (and
+as ``OMP_NUM_THREADS`` for the commands tests start), and every test leaves it as it found it.
+With a thread per core in every worker, two workers on two cores oversubscribe them, and
+OpenMP's waiting made ``tests/test_writeback.py`` 13x slower (129 s, against 9.9 s with one
+thread per worker) and the whole suite 16x (24 minutes against 1.5).
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def pytest_configure(config) -> None:
     share = max(1, (os.cpu_count() or 1) // int(workers))
     os.environ["OMP_NUM_THREADS"] = str(share)
     torch.set_num_threads(share)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test leaves torch's thread count as it found it. scanpy's numba loops (neighbors,
+    UMAP, seurat_v3 with a batch key) run on torch's OpenMP runtime and set its count to a
+    thread per core: one such test made every later test in its worker oversubscribe the
+    cores, and the suite took 24 minutes instead of 1.5."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- cached data

@@ -75,4 +75,6 @@ def test_the_recomputation_agrees_on_ordinary_cells():
     got = model.get_marginal_ll(n_samples=K, seed=SEED)
     expected = _scipy_log_px(model, adata.layers["counts"])
     np.testing.assert_allclose(got[2:], expected[2:], rtol=0, atol=0.01)
-    assert np.abs(got[2:] - expected[2:]).max() < 1e-3
+    # float32 rounding, and the model itself depends on torch's thread count (the order of its
+    # sums): 1.0e-3 trained on two threads, 1.3e-3 on one
+    assert np.abs(got[2:] - expected[2:]).max() < 2e-3

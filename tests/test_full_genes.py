@@ -154,3 +154,15 @@ def test_many_genes_without_selection_name_the_option_once(caplog):
     said = [r for r in caplog.records if "n_top_genes=2000" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert "--n-top-genes 2000" in said[0].getMessage()
+
+
+def test_gene_selection_leaves_torchs_thread_count_alone(synthetic):
+    # scanpy's seurat_v3 runs numba loops on torch's OpenMP runtime, which set its thread count
+    threads = torch.get_num_threads()
+    wanted = 1 if threads != 1 else 2
+    torch.set_num_threads(wanted)
+    try:
+        genes_to_model(synthetic, layer="counts", batch_key="batch", n_top_genes=20)
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)

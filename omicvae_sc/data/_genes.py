@@ -9,6 +9,7 @@ batches when there is a batch key), so no normalized copy of the data is made.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -71,12 +72,33 @@ def _most_variable(adata: AnnData, counts, n_top_genes: int, batch_key: str | No
     obs = adata.obs[[batch_key]].copy() if batch_key is not None else None
     scratch = AnnData(X=counts, obs=obs)
     scratch.var_names = adata.var_names
-    table = sc.pp.highly_variable_genes(scratch, flavor="seurat_v3", n_top_genes=n_top_genes,
-                                        batch_key=batch_key, inplace=False)
+    with _torch_threads_kept():
+        table = sc.pp.highly_variable_genes(scratch, flavor="seurat_v3",
+                                            n_top_genes=n_top_genes, batch_key=batch_key,
+                                            inplace=False)
     mask = np.asarray(table["highly_variable"], dtype=bool)
     logger.info("omicvae_sc models the %d most variable of %d genes (seurat_v3 on the counts)",
                 int(mask.sum()), adata.n_vars)
     return mask
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Put torch's thread count back after scanpy's numba code.
+
+    numba's parallel loops run on the OpenMP runtime that torch loaded and set its thread
+    count to numba's: a user's ``torch.set_num_threads(1)`` would silently become one thread
+    per core for the training that follows (measured: this package's test suite in two
+    processes of one thread each took 24 minutes instead of 1.5, their OpenMP threads waiting
+    on each other).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_cells_have_counts(adata: AnnData, counts, mask: np.ndarray) -> None:
