@@ -36,6 +36,12 @@ def pytest_configure(config) -> None:
     share = max(1, (os.cpu_count() or 1) // int(workers))
     os.environ["OMP_NUM_THREADS"] = str(share)
     torch.set_num_threads(share)
+    # scanpy's numba loops run on torch's OpenMP runtime and set its thread count to numba's:
+    # the same share keeps torch's steady inside a test (a notebook that trains twice, with a
+    # UMAP between, gets the same numbers twice)
+    import numba
+
+    numba.set_num_threads(share)
 
 
 @pytest.fixture(autouse=True)

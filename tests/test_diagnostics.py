@@ -16,6 +16,7 @@ import omicvae_sc as ov
 from omicvae_sc import OmicVAE
 from omicvae_sc.model._diagnostics import (
     LatentDiagnostics,
+    latent_diagnostics,
     log_aggregate_posterior,
     mutual_information,
 )
@@ -104,6 +105,20 @@ def test_kl_per_dim_sums_to_the_rate_and_is_seed_reproducible():
     again = model.get_latent_diagnostics(seed=3)
     assert again.mutual_information == d.mutual_information
     assert model.get_latent_diagnostics(seed=4).mutual_information != d.mutual_information
+
+
+def test_chunked_sums_equal_the_whole_matrix_computation():
+    """The diagnostics keep running sums over chunks, not every cell's posterior: the variance
+    of the posterior means and the mean KL equal those of the whole matrix."""
+    model = _trained()
+    adata = _data()
+    mean = model.get_latent_representation(adata).astype(np.float64)
+    model.write_results(adata, anomaly=False, doublets=False)
+    for batch_size in (7, 1024):  # 43 chunks with a remainder of 6, and one chunk
+        d = latent_diagnostics(model.module, model._tensors(adata), batch_size=batch_size)
+        np.testing.assert_allclose(d.posterior_mean_variance, mean.var(0, ddof=1), rtol=1e-5)
+        assert d.kl_per_dim.sum() == pytest.approx(adata.obs["omicvae_rate"].mean(), rel=1e-5)
+        assert d.n_cells_mi == 300
 
 
 def test_n_cells_is_checked():

@@ -62,9 +62,14 @@ class BlockStream:
     device
         Where minibatches are put.
     cells
-        Rows served (default: all), e.g. the training cells of a split.
+        Rows served (default: all), e.g. the training cells of a split: a boolean mask over the
+        rows or their indices.
     block_rows, buffer_blocks
         Rows per read and blocks shuffled together.
+
+    Which rows are served is held as one byte a row (a mask) and a few numbers a block, and
+    the covariate codes are the caller's array, indexed per read: no array of the stream holds
+    eight bytes a cell.
     """
 
     def __init__(self, reader: RowReader, codes: np.ndarray | None,
@@ -79,35 +84,59 @@ class BlockStream:
         self.n_genes = reader.n_genes
         self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
         self.prefetch = PREFETCH
-        served = np.arange(reader.n_cells) if cells is None else np.sort(
-            np.asarray(cells, dtype=np.int64))
-        self.n_cells = len(served)
-        self._served_all = served
+        n_rows = reader.n_cells
+        n_file_blocks = -(-n_rows // block_rows)
+        if cells is None:
+            self._mask = None
+            per_block = np.full(n_file_blocks, block_rows, dtype=np.int64)
+            per_block[-1] = n_rows - (n_file_blocks - 1) * block_rows
+        else:
+            cells = np.asarray(cells)
+            if cells.dtype == bool:
+                self._mask = cells
+            else:
+                self._mask = np.zeros(n_rows, dtype=bool)
+                self._mask[cells] = True
+            per_block = np.add.reduceat(self._mask, np.arange(0, n_rows, block_rows),
+                                        dtype=np.int64)
+        self._blocks = np.flatnonzero(per_block)  # file blocks holding served rows
+        self._count = per_block[self._blocks]
+        self._first = np.concatenate([[0], np.cumsum(self._count)])  # served positions
+        self.n_cells = int(self._first[-1])
         self._codes_all = codes
-        self.codes = None if codes is None else torch.as_tensor(codes[served],
-                                                                device=self.device)
-        # the blocks holding served cells, and which of their rows are served
-        block_of = served // block_rows
-        self._blocks = np.unique(block_of)
-        cut = np.searchsorted(block_of, self._blocks, side="right")
-        self._served = np.split(served, cut[:-1])
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """Covariate codes of the served cells, in order (on the device)."""
+        if self._codes_all is None:
+            return None
+        codes = self._codes_all if self._mask is None else self._codes_all[self._mask]
+        return torch.as_tensor(codes, device=self.device)
 
     def n_batches(self, batch_size: int) -> int:
         """Number of minibatches :meth:`batches` yields for ``batch_size``."""
         return len(minibatch_bounds(self.n_cells, batch_size)) - 1
+
+    def _kept(self, block: int) -> np.ndarray | None:
+        """Offsets within the file block ``block`` of its served rows (None: all of them)."""
+        lo, hi = self._span(block)
+        if self._mask is None:
+            return None
+        keep = np.flatnonzero(self._mask[lo:hi])
+        return None if len(keep) == hi - lo else keep
 
     def _read(self, blocks: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray | None]:
         """The served rows of ``blocks`` (positions in ``self._blocks``), stacked in that
         order, with their covariate codes."""
         parts, rows = [], []
         for b in blocks:
-            lo, hi = self._span(int(self._blocks[b]))
-            keep = self._served[b]
-            block = self.reader.read(lo, hi)
-            parts.append(block if len(keep) == hi - lo else block[keep - lo])
-            rows.append(keep)
-        rows = np.concatenate(rows)
-        codes = None if self._codes_all is None else self._codes_all[rows]
+            block = int(self._blocks[b])
+            lo, hi = self._span(block)
+            keep = self._kept(block)
+            data = self.reader.read(lo, hi)
+            parts.append(data if keep is None else data[keep])
+            rows.append(np.arange(lo, hi) if keep is None else lo + keep)
+        codes = None if self._codes_all is None else self._codes_all[np.concatenate(rows)]
         return sp.vstack(parts, format="csr"), codes
 
     def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None, *,
@@ -116,13 +145,19 @@ class BlockStream:
         :meth:`CountTensors.rows` gives them. Each block holding one of them is read once per
         call, so callers ask for many cells at a time."""
         pos = np.asarray(idx.cpu() if idx_host is None else idx_host, dtype=np.int64)
-        wanted = self._served_all[pos]
-        blocks = np.unique(wanted // self.block_rows)
-        parts = [self.reader.read(*self._span(int(b))) for b in blocks]
+        which = np.searchsorted(self._first, pos, side="right") - 1  # into self._blocks
+        used = np.unique(which)
+        parts, starts = [], np.empty(len(self._blocks), dtype=np.int64)
+        offset = 0
+        for b in used:
+            block = int(self._blocks[b])
+            keep = self._kept(block)
+            data = self.reader.read(*self._span(block))
+            parts.append(data if keep is None else data[keep])
+            starts[b] = offset
+            offset += parts[-1].shape[0]
         stacked = sp.vstack(parts, format="csr")
-        starts = np.searchsorted(blocks, wanted // self.block_rows)
-        offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])])[starts]
-        held = CountTensors(stacked[offsets + wanted % self.block_rows], None, self.device)
+        held = CountTensors(stacked[starts[which] + pos - self._first[which]], None, self.device)
         every = torch.arange(len(pos), device=self.device)
         return held.rows(every, np.arange(len(pos)), nonzero=nonzero)
 

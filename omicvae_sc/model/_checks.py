@@ -84,6 +84,13 @@ def validation_split(
     n: int, fraction: float, early_stopping: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, validation) cell indices; the validation share drawn with ``seed``."""
+    held_out = validation_mask(n, fraction, early_stopping, seed)
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def validation_mask(n: int, fraction: float, early_stopping: bool, seed: int) -> np.ndarray:
+    """Which of ``n`` cells are held out for validation (a boolean mask, one byte a cell: the
+    form streaming from disk keeps); the cells :func:`validation_split` holds out."""
     if not 0.0 <= fraction < 1.0:
         msg = f"validation_fraction must be in [0, 1), got {fraction}."
         raise ValueError(msg)
@@ -95,8 +102,10 @@ def validation_split(
     if n - n_val < 2:
         msg = f"Training needs at least 2 cells outside the validation split; found {n - n_val}."
         raise ValueError(msg)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    held_out = np.zeros(n, dtype=bool)
+    if n_val:
+        held_out[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return held_out
 
 
 def gene_columns(var_names: np.ndarray, gene_list: list[str] | None) -> np.ndarray:

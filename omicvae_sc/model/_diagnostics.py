@@ -83,15 +83,6 @@ class LatentDiagnostics:
         )
 
 
-@torch.inference_mode()
-def posterior_moments(
-    module: VAE, data: CountTensors, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of q(z|x) of every cell, each ``(n_cells, n_latent)``."""
-    return stack_rows(data.n_cells, (module.inference(x, codes)
-                                     for x, codes in data.batches(batch_size, shuffle=False)))
-
-
 def log_aggregate_posterior(
     z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
 ) -> torch.Tensor:
@@ -134,26 +125,76 @@ def mutual_information(
     return float((log_q_own - log_qz).double().mean())
 
 
+@torch.inference_mode()
 def latent_diagnostics(
     module: VAE, data: CountTensors, *, n_cells: int = MI_CELLS, seed: int = 0,
     batch_size: int = 1024,
 ) -> LatentDiagnostics:
     """Per-dimension KL and active units over all cells of ``data``, and I(x; z) over a random
-    subsample of at most ``n_cells`` of them (drawn with ``seed``)."""
-    mean, var = posterior_moments(module, data, batch_size)  # (n_cells, latent) each
-    kl = Posterior(mean, var).kl_per_dimension()  # (n_cells, latent)
-    mean_var = mean.double().var(0) if len(mean) > 1 else torch.zeros(mean.shape[1])
+    subsample of at most ``n_cells`` of them (drawn with ``seed``).
+
+    One pass in chunks: the KL and the variance of the posterior means are running float64
+    sums (Chan et al.'s pairwise update), and only the posteriors of the chosen cells are kept,
+    so memory does not grow with the number of cells (the diagnostics run at the end of
+    ``train()``, also on atlases streamed from disk).
+    """
+    n = data.n_cells
+    n_mi = min(n_cells, n)
+    # O(n_mi) memory where n_mi is a small share of n (numpy picks by rejection, not a shuffle)
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=n_mi, replace=False))
+    moments = _RunningMoments()
+    chosen_mean = chosen_var = None
+    lo = 0
+    for x, codes in data.batches(batch_size, shuffle=False):
+        mean, var = module.inference(x, codes)
+        moments.add(mean.double(), Posterior(mean, var).kl_per_dimension().double())
+        hi = lo + len(mean)
+        a, b = np.searchsorted(pick, [lo, hi])
+        if chosen_mean is None:
+            chosen_mean = mean.new_empty((n_mi, mean.shape[1]))
+            chosen_var = var.new_empty((n_mi, var.shape[1]))
+        rows = torch.as_tensor(pick[a:b] - lo, device=mean.device)
+        chosen_mean[a:b], chosen_var[a:b] = mean[rows], var[rows]
+        lo = hi
+    mean_var = moments.variance()
     active = (mean_var > ACTIVE_THRESHOLD).cpu().numpy()
-    generator = torch.Generator(device=mean.device).manual_seed(seed)
-    n_mi = min(n_cells, len(mean))
-    pick = torch.randperm(len(mean), generator=generator, device=mean.device)[:n_mi]
+    generator = torch.Generator(device=chosen_mean.device).manual_seed(seed)
     with torch.inference_mode():
-        mi = mutual_information(mean[pick], var[pick], generator)
+        mi = mutual_information(chosen_mean, chosen_var, generator)
     return LatentDiagnostics(
-        kl_per_dim=kl.double().mean(0).cpu().numpy(),
+        kl_per_dim=(moments.kl_sum / n).cpu().numpy(),
         posterior_mean_variance=mean_var.cpu().numpy(), active=active,
         n_active=int(active.sum()), mutual_information=mi, n_cells_mi=n_mi,
     )
+
+
+class _RunningMoments:
+    """Count, mean and sum of squared deviations of the posterior means, and the sum of the
+    per-dimension KL, over chunks of cells (float64)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = self.m2 = self.kl_sum = None
+
+    def add(self, mean: torch.Tensor, kl: torch.Tensor) -> None:
+        k = len(mean)
+        chunk_mean = mean.mean(0)
+        chunk_m2 = (mean - chunk_mean).pow(2).sum(0)
+        if self.count == 0:
+            self.mean, self.m2, self.kl_sum = chunk_mean, chunk_m2, kl.sum(0)
+        else:
+            total = self.count + k
+            delta = chunk_mean - self.mean
+            self.mean = self.mean + delta * (k / total)
+            self.m2 = self.m2 + chunk_m2 + delta.pow(2) * (self.count * k / total)
+            self.kl_sum = self.kl_sum + kl.sum(0)
+        self.count += k
+
+    def variance(self) -> torch.Tensor:
+        """The unbiased variance across cells (0 for a single cell)."""
+        if self.count < 2:
+            return torch.zeros_like(self.mean)
+        return self.m2 / (self.count - 1)
 
 
 def collapse_message(diagnostics: LatentDiagnostics) -> str | None:

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from omicvae_sc.data import BLOCK_ROWS, BUFFER_BLOCKS, RowReader, count_source
-from omicvae_sc.model._checks import check_count, validation_split
+from omicvae_sc.model._checks import check_count, validation_mask
 from omicvae_sc.model._runtime import resolve_precision, seeded
 from omicvae_sc.module import VAE
 from omicvae_sc.train import (
@@ -73,10 +73,10 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
     device = next(module.parameters()).device
     n = counts.shape[0]
     max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
-    train_idx, val_idx = validation_split(n, request.validation_fraction,
-                                          bool(request.early_stopping), request.seed)
-    early_stopping = len(val_idx) > 0 if request.early_stopping is None \
-        else request.early_stopping
+    held_out = validation_mask(n, request.validation_fraction, bool(request.early_stopping),
+                               request.seed)
+    n_val = int(held_out.sum())
+    early_stopping = n_val > 0 if request.early_stopping is None else request.early_stopping
     config = TrainConfig(
         max_epochs=max_epochs, batch_size=request.batch_size, lr=request.lr, beta=request.beta,
         warmup_fraction=request.warmup_fraction, early_stopping=early_stopping,
@@ -85,13 +85,17 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
         cuda_graphs=request.cuda_graphs)
     on_disk = isinstance(counts, RowReader)
     stream = {"block_rows": request.block_rows, "buffer_blocks": request.buffer_blocks}
-    train_data, val_data = (count_source(counts, codes, device, cells=idx, **stream)
-                            if len(idx) else None for idx in (train_idx, val_idx))
+    # on disk the split stays a mask (a byte a cell); in memory, indices
+    train_cells = (None if n_val == 0 else ~held_out) if on_disk else np.flatnonzero(~held_out)
+    val_cells = held_out if on_disk else np.flatnonzero(held_out)
+    del held_out
+    train_data = count_source(counts, codes, device, cells=train_cells, **stream)
+    val_data = count_source(counts, codes, device, cells=val_cells, **stream) if n_val else None
     plan = resume_from = None
     if request.checkpoint_dir is not None:
         run = {k: v for k, v in vars(config).items()  # how it runs, not what it computes
                if k not in ("progress_bar", "cuda_graphs")}
-        run |= {"seed": request.seed, "n_train": len(train_idx), "n_validation": len(val_idx),
+        run |= {"seed": request.seed, "n_train": n - n_val, "n_validation": n_val,
                 "n_genes": counts.shape[1], "hparams": dict(hparams)}
         if on_disk:  # the order cells are read in is part of what a run computes
             run |= {"stream": stream}
