@@ -8,8 +8,13 @@ latent of every cell, streamed from disk (``ov.read_lazy``) and, for ``--memory-
 fewer, from memory (``anndata.read_h5ad``): seconds of the set-up check, of the epoch and of the
 latent, training cells/s, peak RSS, the RSS once the file is open (imports plus the AnnData's
 own obs and var, which anndata keeps in memory) and the peak above that (``model_peak_mb``:
-what set-up, training and inference add, the latent included). ``--scvi-python`` adds scvi-tools 1.4.2 on the same file
-(it loads the file into memory): its peak RSS and cells/s for one epoch.
+what set-up, training and inference add, the latent included). ``--scvi-python`` adds
+scvi-tools 1.4.2 on the same file (it loads the file into memory): its peak RSS and cells/s for
+one epoch.
+
+``end-to-end``: ``tl.omicvae`` on each file opened with ``ov.read_lazy`` (``--epochs`` epochs;
+doublets only with ``--doublets``), its per-cell results written to a new h5ad beside no counts:
+wall time and peak RSS.
 
 ``quality``: held-out log p(x) (K=100 importance samples) after the same epochs and seed, fully
 shuffled in memory against block-shuffled streaming at several block and buffer sizes, on
@@ -108,6 +113,31 @@ def child_quality(args) -> dict:
             "heldout_ll": float(np.mean(ll)), "train_s": seconds}
 
 
+def child_end_to_end(args) -> dict:
+    """``tl.omicvae`` on a file opened lazily: fit, latent, anomaly scores (and doublets with
+    ``--doublets``), and the per-cell results written to a new h5ad without the counts."""
+    import anndata as ad
+    import torch
+
+    import omicvae_sc as ov
+
+    torch.set_num_threads(args.threads)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    adata = ov.read_lazy(args.file)
+    rss_open = rss_mb("VmRSS")
+    ov.tl.omicvae(adata, max_epochs=args.epochs, doublets=args.doublets,
+                  batch_size=args.batch_size, progress_bar=True)
+    t_fit = time.perf_counter() - t0
+    out = Path(args.out_dir) / (Path(args.file).stem + "_omicvae_results.h5ad")
+    ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm), uns=dict(adata.uns)).write_h5ad(out)
+    return {"file": Path(args.file).name, "cells": adata.n_obs, "epochs": args.epochs,
+            "doublets": args.doublets, "wall_s": time.perf_counter() - t0, "fit_and_score_s":
+            t_fit, "peak_rss_mb": rss_mb(), "rss_open_mb": rss_open,
+            "results_file_mb": out.stat().st_size / 2**20,
+            "obs_columns": [c for c in adata.obs.columns if c.startswith("omicvae")]}
+
+
 def run_child(argv: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([sys.executable, __file__, "--child-out", out.name, *argv], check=True)
@@ -188,9 +218,21 @@ def part_quality(args) -> pd.DataFrame:
     return df
 
 
+def part_end_to_end(args) -> pd.DataFrame:
+    rows = []
+    for file in args.files:
+        row = run_child(["--child", "end-to-end", "--file", str(file), "--epochs",
+                         str(args.epochs), "--batch-size", str(args.batch_size), "--threads",
+                         str(args.threads), "--out-dir", str(args.out_dir)]
+                        + (["--doublets"] if args.doublets else []))
+        print(row, flush=True)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["scale", "quality"], default="quality")
+    parser.add_argument("--part", choices=["scale", "quality", "end-to-end"], default="quality")
     parser.add_argument("--files", nargs="+", default=[], help="h5ad files for --part scale")
     parser.add_argument("--memory-up-to", type=int, default=1_000_000,
                         help="also run in memory (and scvi-tools) up to this many cells")
@@ -202,18 +244,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--doublets", action="store_true", help="end-to-end: score doublets")
+    parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="end-to-end: where the results h5ad is written")
     # a child's own arguments
-    parser.add_argument("--child", choices=["scale", "quality"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["scale", "quality", "end-to-end"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["stream", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--test", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        row = (child_scale if args.child == "scale" else child_quality)(args)
+        row = {"scale": child_scale, "quality": child_quality,
+               "end-to-end": child_end_to_end}[args.child](args)
         Path(args.child_out).write_text(json.dumps(row))
         return
-    df = part_scale(args) if args.part == "scale" else part_quality(args)
+    df = {"scale": part_scale, "quality": part_quality,
+          "end-to-end": part_end_to_end}[args.part](args)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(df.round(3).to_string(index=False))
     if args.csv:

@@ -89,6 +89,55 @@ def test_simulated_doublets_score_as_doublets():
     assert truth[np.argsort(score)[-30:]].mean() > 0.5
 
 
+def test_a_batch_larger_than_a_unit_is_scored_in_parts(monkeypatch):
+    """An atlas's batch is scored in parts (the neighbour search is quadratic in the cells
+    scored together) and its clusters profiled on a sample of their cells: with units of at
+    most 200 cells of 16-row blocks and 50 cells a cluster, the 630 cells are scored in four
+    parts, and the doublets still rank far above the singlets."""
+    from omicvae_sc.model import _doublets
+
+    model, adata, truth = _with_doublets()
+    monkeypatch.setattr(_doublets, "MAX_UNIT_CELLS", 200)
+    monkeypatch.setattr(_doublets, "UNIT_BLOCK_ROWS", 16)
+    monkeypatch.setattr(_doublets, "PROFILE_CELLS", 50)  # clusters profiled on 50 cells each
+    import torch
+
+    units = _doublets.scoring_units(torch.zeros(adata.n_obs, dtype=torch.long), False)
+    assert len(units) == 4
+    score = model.get_doublet_score(seed=0)
+    assert roc_auc_score(truth, score) > 0.85
+    assert truth[np.argsort(score)[-30:]].mean() > 0.4
+
+
+def test_scoring_units_split_batches_into_blocks_and_pack_small_ones():
+    import torch
+
+    from omicvae_sc.model._doublets import scoring_units
+
+    torch.manual_seed(0)
+    sizes = [50_000, 6_000, 4_000, 30_000]  # the fourth batch interleaved with the first
+    codes = np.repeat([0, 1, 2, 3], sizes)
+    codes[:60_000:2][:15_000], codes[60_000:][:15_000] = 3, 0
+    units = scoring_units(torch.as_tensor(codes), True, max_cells=25_000)
+    cells = torch.cat([u.cells for u in units]).sort().values
+    assert torch.equal(cells, torch.arange(len(codes)))  # every cell exactly once
+    for unit in units:
+        assert len(unit.cells) <= 25_000 + 1024  # a part is whole blocks
+        assert torch.equal(unit.cells, unit.cells.sort().values)
+        for part, batch in enumerate(unit.batches):
+            members = unit.cells[unit.groups == part].numpy()
+            assert (codes[members] == batch).all()  # a part holds one batch
+            blocks = np.unique(members // 1024)
+            # a split batch's part is made of its whole blocks
+            for b in blocks[:5]:
+                in_block = np.arange(b * 1024, min((b + 1) * 1024, len(codes)))
+                assert np.isin(in_block[codes[in_block] == batch], members).all()
+    # batch 1 and 2 (6,000 and 4,000 cells) share a unit; the 50k and 30k batches are split
+    n_parts = {b: sum(bs == b for u in units for bs in u.batches) for b in range(4)}
+    assert n_parts == {0: 2, 1: 1, 2: 1, 3: 2}
+    assert any(set(u.batches) >= {1, 2} for u in units)
+
+
 def _homotypic(thin: bool) -> tuple[ad.AnnData, np.ndarray]:
     """The 600 singlets of ``_with_doublets`` plus 30 doublets of two cells of the same group;
     with ``thin``, each doublet's counts are binomially halved back to one cell's depth."""

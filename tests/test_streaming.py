@@ -14,6 +14,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 import torch
 
@@ -110,7 +111,6 @@ def test_block_shuffled_training_learns_as_good_a_latent(shared_data_dir, tmp_pa
 
     adata = ad.read_h5ad(shared_data_dir / "pbmc3k.h5ad")
     adata = adata[adata.obs["cell_type"].notna()].copy()
-    import scanpy as sc
 
     lognorm = adata.copy()
     sc.pp.normalize_total(lognorm, target_sum=1e4)
@@ -260,19 +260,61 @@ def test_resumed_streaming_run_equals_the_uninterrupted_one(on_disk, tmp_path):
     assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"copy": True}, r"copy=True cannot copy an AnnData whose counts are on disk"),
-    ({"n_top_genes": 20}, r"n_top_genes ranks the genes on every count in memory, and these "
-                          r"counts are on disk"),
-])
-def test_what_tl_cannot_do_on_disk_is_refused_before_training(on_disk, kwargs, match):
+def test_copy_on_disk_is_refused_before_training(on_disk):
     _, path = on_disk
     before = _sha(path)
     adata = ov.read_lazy(path)
-    with pytest.raises(ValueError, match=match):
-        ov.tl.omicvae(adata, layer="counts", max_epochs=1, progress_bar=False, **kwargs)
+    with pytest.raises(ValueError, match=r"copy=True cannot copy an AnnData whose counts are "
+                                         r"on disk"):
+        ov.tl.omicvae(adata, layer="counts", max_epochs=1, progress_bar=False, copy=True)
     assert list(adata.obsm) == [] and "omicvae_setup" not in adata.uns
     assert _sha(path) == before
+
+
+@pytest.mark.parametrize("batch_key", [None, "batch"])
+def test_gene_selection_by_blocks_picks_scanpys_genes(on_disk, monkeypatch, batch_key):
+    """seurat_v3 in two passes of 64-row blocks chooses the genes scanpy chooses with the
+    whole matrix in memory, with and without batches."""
+    from omicvae_sc.data import _genes
+
+    mem, path = on_disk
+    monkeypatch.setattr(_genes, "BLOCK_ROWS", 64)
+    expected = sc.pp.highly_variable_genes(mem, flavor="seurat_v3", n_top_genes=20,
+                                           layer="counts", batch_key=batch_key, inplace=False)
+    chosen = _genes.genes_to_model(ov.read_lazy(path), layer="counts", batch_key=batch_key,
+                                   n_top_genes=20)
+    np.testing.assert_array_equal(chosen, expected["highly_variable"].to_numpy())
+
+
+@pytest.mark.slow
+def test_gene_selection_by_blocks_picks_scanpys_genes_on_real_counts(shared_data_dir):
+    """The same on real raw counts of three 10x chemistries (12,661 genes, the file read in
+    place), with and without the chemistry as batch."""
+    from omicvae_sc.data import _genes
+
+    path = shared_data_dir / "pbmc_3batch_10x_chemistries.h5ad"
+    mem = ad.read_h5ad(path)
+    for batch_key in (None, "batch"):
+        expected = sc.pp.highly_variable_genes(mem, flavor="seurat_v3", n_top_genes=2000,
+                                               batch_key=batch_key, inplace=False)
+        chosen = _genes.genes_to_model(ov.read_lazy(path), layer=None, batch_key=batch_key,
+                                       n_top_genes=2000)
+        np.testing.assert_array_equal(chosen, expected["highly_variable"].to_numpy())
+
+
+def test_tl_with_n_top_genes_on_disk_gives_what_memory_gives(on_disk):
+    """n_top_genes on a lazily opened file: the genes, latent and scores of the same call on
+    the AnnData in memory; the results cover every gene of the file."""
+    mem, path = on_disk
+    disk = ov.read_lazy(path)
+    for adata in (mem, disk):
+        ov.tl.omicvae(adata, layer="counts", batch_key="batch", n_top_genes=20, max_epochs=3,
+                      progress_bar=False, device="cpu", doublets=False)
+    np.testing.assert_array_equal(disk.var["omicvae_genes"], mem.var["omicvae_genes"])
+    np.testing.assert_allclose(disk.obsm["X_omicvae"], mem.obsm["X_omicvae"], atol=1e-5)
+    np.testing.assert_allclose(disk.obs["omicvae_log_likelihood"],
+                               mem.obs["omicvae_log_likelihood"], atol=1e-3)
+    assert disk.uns["omicvae"]["params"]["n_top_genes"] == 20
 
 
 def test_tl_on_a_lazy_zarr_store_writes_its_results_in_memory(synthetic, tmp_path):

@@ -15,8 +15,10 @@ import logging
 import numpy as np
 from anndata import AnnData
 
+from omicvae_sc.data._disk import RowReader
 from omicvae_sc.data._setup import obs_column
-from omicvae_sc.data._validate import check_anndata_object, check_counts, get_counts
+from omicvae_sc.data._stream import BLOCK_ROWS
+from omicvae_sc.data._validate import check_anndata_object, checked_counts
 
 logger = logging.getLogger("omicvae_sc")
 
@@ -54,13 +56,106 @@ def genes_to_model(adata: AnnData, *, layer: str | None, batch_key: str | None,
         return None
     if n_top_genes >= adata.n_vars:
         return None
-    counts = get_counts(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    check_counts(adata, counts, where, allow_non_integer=allow_non_integer)
+    counts = checked_counts(adata, layer, where, allow_non_integer=allow_non_integer)
     if batch_key is not None:
         obs_column(adata, batch_key, "batch_key")  # present, no missing values
-    mask = _most_variable(adata, counts, n_top_genes, batch_key)
-    _check_cells_have_counts(adata, counts, mask)
+    if isinstance(counts, RowReader):
+        # on disk: two passes of blocks; a cell left without counts in the chosen genes is
+        # reported, with its rows, by the set-up's pass over them
+        mask = seurat_v3_on_disk(counts, _batch_labels(adata, batch_key), n_top_genes)
+    else:
+        mask = _most_variable(adata, counts, n_top_genes, batch_key)
+        _check_cells_have_counts(adata, counts, mask)
+    logger.info("omicvae_sc models the %d most variable of %d genes (seurat_v3 on the counts)",
+                int(mask.sum()), adata.n_vars)
+    return mask
+
+
+def _batch_labels(adata: AnnData, batch_key: str | None) -> np.ndarray:
+    """A small integer per cell for its batch (all zero without a batch key)."""
+    if batch_key is None:
+        return np.zeros(adata.n_obs, dtype=np.int32)
+    return np.unique(adata.obs[batch_key].to_numpy(), return_inverse=True)[1].astype(np.int32)
+
+
+def seurat_v3_on_disk(reader: RowReader, batches: np.ndarray, n_top_genes: int,
+                      *, span: float = 0.3, progress_bar: bool = True) -> np.ndarray:
+    """The genes scanpy's ``highly_variable_genes(flavor="seurat_v3")`` picks, computed in two
+    passes over blocks of rows of counts on disk, never holding the matrix.
+
+    Per batch: the mean and variance of each gene (first pass); a loess fit of log variance on
+    log mean (scikit-misc, as scanpy); then (second pass) the variance of the counts
+    standardized by the fitted spread, each count clipped at ``sqrt(n_cells)`` standard
+    deviations above the mean. Genes are ranked per batch and ordered by median rank over the
+    batches where they are in the top ``n_top_genes``, then by the number of such batches,
+    as scanpy does. Sums are float64; the selection matches scanpy's on the data in memory
+    (``tests/test_full_genes.py``).
+    """
+    from skmisc.loess import loess
+    from tqdm.auto import tqdm
+
+    n_batches = int(batches.max()) + 1 if len(batches) else 1
+    n_genes = reader.n_genes
+
+    def passes(what: str):
+        n_blocks = -(-reader.n_cells // BLOCK_ROWS)
+        return tqdm(reader.blocks(BLOCK_ROWS), total=n_blocks, unit="block",
+                    desc=f"{what} of {reader.name}", leave=False,
+                    disable=not progress_bar or n_blocks < 20)
+
+    def per_batch(block, lo: int, hi: int, fn):
+        """``fn(values, genes)`` summed by gene for each batch in the block's rows."""
+        codes = batches[lo:hi]
+        out = np.zeros((n_batches, n_genes))
+        for b in np.unique(codes):
+            part = block if len(codes) and (codes == b).all() else block[codes == b]
+            values, genes = fn(part.data.astype(np.float64), part.indices, b)
+            out[b] += np.bincount(genes, weights=values, minlength=n_genes)
+        return out
+
+    cells = np.bincount(batches, minlength=n_batches).astype(np.float64)
+    sums = np.zeros((n_batches, n_genes))
+    squares = np.zeros((n_batches, n_genes))
+    for lo, hi, block in passes("gene means and variances"):
+        sums += per_batch(block, lo, hi, lambda v, g, b: (v, g))
+        squares += per_batch(block, lo, hi, lambda v, g, b: (v * v, g))
+    mean = sums / cells[:, None]
+    var = (squares / cells[:, None] - mean**2) * (cells / (cells - 1))[:, None]
+    reg_std = np.zeros_like(mean)
+    for b in range(n_batches):
+        fitted = np.zeros(n_genes)
+        varies = var[b] > 0
+        model = loess(np.log10(mean[b, varies]), np.log10(var[b, varies]), span=span, degree=2)
+        model.fit()
+        fitted[varies] = model.outputs.fitted_values
+        reg_std[b] = np.sqrt(10**fitted)
+    clip = reg_std * np.sqrt(cells)[:, None] + mean
+    clipped = np.zeros_like(mean)
+    clipped_squares = np.zeros_like(mean)
+    for lo, hi, block in passes("clipped gene variances"):
+        clipped += per_batch(block, lo, hi, lambda v, g, b: (np.minimum(v, clip[b, g]), g))
+        clipped_squares += per_batch(
+            block, lo, hi, lambda v, g, b: (np.minimum(v, clip[b, g]) ** 2, g))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm_var = (cells[:, None] * mean**2 + clipped_squares - 2 * clipped * mean) / (
+            (cells[:, None] - 1) * reg_std**2)
+    return _seurat_v3_ranking(norm_var, n_top_genes)
+
+
+def _seurat_v3_ranking(norm_var: np.ndarray, n_top_genes: int) -> np.ndarray:
+    """scanpy's choice from the per-batch normalized variances ``(batches, genes)``."""
+    import pandas as pd
+
+    ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
+    n_high = (ranks < n_top_genes).sum(axis=0)
+    ranks[ranks >= n_top_genes] = np.nan
+    median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    table = pd.DataFrame({"rank": median, "n_high": n_high})
+    chosen = table.sort_values(["rank", "n_high"], ascending=[True, False],
+                               na_position="last").index[:n_top_genes]
+    mask = np.zeros(norm_var.shape[1], dtype=bool)
+    mask[chosen] = True
     return mask
 
 
@@ -76,10 +171,7 @@ def _most_variable(adata: AnnData, counts, n_top_genes: int, batch_key: str | No
         table = sc.pp.highly_variable_genes(scratch, flavor="seurat_v3",
                                             n_top_genes=n_top_genes, batch_key=batch_key,
                                             inplace=False)
-    mask = np.asarray(table["highly_variable"], dtype=bool)
-    logger.info("omicvae_sc models the %d most variable of %d genes (seurat_v3 on the counts)",
-                int(mask.sum()), adata.n_vars)
-    return mask
+    return np.asarray(table["highly_variable"], dtype=bool)
 
 
 @contextlib.contextmanager

@@ -91,8 +91,10 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
     k = min(k, len(x))
     centres = x[torch.randperm(len(x), device=x.device)[:k]].clone()
     labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    step = 1 << 18  # (rows, k) distances a chunk: flat memory on an atlas's millions of cells
     for _ in range(iterations):
-        labels = torch.cdist(x, centres).argmin(1)
+        labels = torch.cat([torch.cdist(x[lo:lo + step], centres).argmin(1)
+                            for lo in range(0, len(x), step)])
         sums = torch.zeros_like(centres).index_add_(0, labels, x)
         sizes = torch.bincount(labels, minlength=k).unsqueeze(1)
         centres = torch.where(sizes > 0, sums / sizes.clamp_min(1), centres)
@@ -239,13 +241,12 @@ def _depth_features(library: torch.Tensor, detected: torch.Tensor, n_real: int) 
 
 
 @torch.no_grad()
-def _group_features(module: VAE, data: CountTensors, z: torch.Tensor, clusters: torch.Tensor,
-                    group: _Group) -> torch.Tensor:
+def _group_features(data: CountTensors, profiles: torch.Tensor, group: _Group) -> torch.Tensor:
     """Features of the group's real cells then its artificial doublets, ``(n_g + m_g, 11)``."""
     n_components = max(1, min(N_COMPONENTS, data.n_genes, len(group.cells) - 1))
     pca = streamed_pca(lambda: (_log_normalized(x) for x in _row_blocks(data, group, False)),
                        n_components)
-    test = _MixtureTest(_cluster_profiles(module, z, clusters, data.codes, group.batch))
+    test = _MixtureTest(profiles)
     coords, mixture, library, detected = [pca.scores.float()], [], [], []
     for artificial in (False, True):
         for x in _row_blocks(data, group, artificial):
@@ -319,33 +320,142 @@ def cross_validated_log_odds(features: torch.Tensor, n_real: int, expected_rate:
 
 
 # ---------------------------------------------------------------------------- entry point
+MAX_UNIT_CELLS = 25_000
+"""Most real cells scored together (one set of artificial doublets, neighbours and classifier).
+A batch with more is split into random sets of ``UNIT_BLOCK_ROWS``-row blocks, and batches with
+fewer are packed together up to it: the neighbour search is quadratic in a unit's cells, so
+this keeps the cost linear in an atlas's cells and the memory flat. Every set in
+benchmarks/README.md (up to 3,881 cells) is one unit."""
+
+UNIT_BLOCK_ROWS = 1024
+"""Rows of the file that stay together when a batch is split: on disk each block is one read
+(random single cells would read the file once per unit), and a random set of blocks mixes
+the cell types of a file sorted by them, as training's buffers do."""
+
+
+PROFILE_CELLS = 2000
+"""Cells per cluster whose decoded expression is averaged into the cluster's profile for the
+mixture test, when there are more than ``MAX_UNIT_CELLS`` cells (below, every cell)."""
+
+
+def _profiled_cells(clusters: torch.Tensor) -> torch.Tensor | None:
+    """Up to ``PROFILE_CELLS`` random cells of each cluster, sorted; ``None`` (every cell)
+    for at most ``MAX_UNIT_CELLS`` cells. The profiles are means: a few thousand cells fix
+    them, and decoding an atlas's every cell once per batch would cost more than the rest."""
+    n = len(clusters)
+    if n <= MAX_UNIT_CELLS:
+        return None
+    order = torch.randperm(n, device=clusters.device)
+    by_cluster = order[torch.argsort(clusters[order], stable=True)]
+    sizes = torch.bincount(clusters)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(n, device=clusters.device) - starts.repeat_interleave(sizes)
+    return by_cluster[rank < PROFILE_CELLS].sort().values
+
+
+class _Unit(NamedTuple):
+    cells: torch.Tensor  # (n_u,) indices into the data, sorted
+    groups: torch.Tensor  # (n_u,) the part of a batch each cell is in, 0..parts-1
+    batches: list[int | None]  # the batch code of each part
+
+
+def scoring_units(groups: torch.Tensor, by_batch: bool, max_cells: int | None = None
+                  ) -> list[_Unit]:
+    """The cells of each batch (``groups``: a batch code per cell), split into parts of at most
+    about ``max_cells`` made of random blocks of ``UNIT_BLOCK_ROWS`` consecutive cells, and the
+    parts packed in order into units of at most ``max_cells`` (a part never split; default
+    ``MAX_UNIT_CELLS``)."""
+    max_cells = MAX_UNIT_CELLS if max_cells is None else max_cells
+    parts: list[tuple[torch.Tensor, int | None]] = []
+    for g in torch.unique(groups):
+        members = torch.nonzero(groups == g).ravel()
+        batch = int(g) if by_batch else None
+        n_parts = math.ceil(len(members) / max_cells)
+        if n_parts == 1:
+            parts.append((members, batch))
+            continue
+        # the batch's blocks in a random order, cut into runs of about len / n_parts cells
+        block = torch.unique(members // UNIT_BLOCK_ROWS, return_inverse=True)[1]
+        sizes = torch.bincount(block)
+        order = torch.randperm(len(sizes), device=groups.device)
+        before = torch.cumsum(sizes[order], 0) - sizes[order]
+        part_of_block = torch.empty_like(order)
+        part_of_block[order] = before * n_parts // len(members)
+        part_of = part_of_block[block]
+        parts += [(members[part_of == p], batch) for p in range(n_parts)]
+    units, pending, size = [], [], 0
+    for part in parts:
+        if pending and size + len(part[0]) > max_cells:
+            units.append(_pack(pending))
+            pending, size = [], 0
+        pending.append(part)
+        size += len(part[0])
+    units.append(_pack(pending))
+    return units
+
+
+def _pack(parts: list[tuple[torch.Tensor, int | None]]) -> _Unit:
+    cells = torch.cat([c for c, _ in parts])
+    label = torch.cat([torch.full_like(c, i) for i, (c, _) in enumerate(parts)])
+    order = torch.argsort(cells)
+    return _Unit(cells[order], label[order], [b for _, b in parts])
+
+
 @torch.no_grad()
 def doublet_probability(module: VAE, data: CountTensors, settings: DoubletSettings, *,
                         by_batch: bool) -> np.ndarray:
     """Posterior doublet probability per cell, ``(n_cells,)`` float64 (module text).
-    ``by_batch``: the first covariate is the batch, the group within which doublets form."""
+    ``by_batch``: the first covariate is the batch, the group within which doublets form.
+    Cells are scored in units of at most ``MAX_UNIT_CELLS`` (:func:`scoring_units`)."""
     step = _chunk(data.n_genes, data.device)
     z = torch.cat([module.inference(x, c).mean
                    for x, c in data.batches(step, shuffle=False)]).float()
     clusters = kmeans(z, n_clusters(data.n_cells))
     groups = data.codes[:, 0] if by_batch else torch.zeros(data.n_cells, dtype=torch.long,
                                                            device=z.device)
-    n_sim = max(MIN_DOUBLETS, round(settings.sim_ratio * data.n_cells))
+    units = scoring_units(groups, by_batch)
+    del groups
+    profiled = _profiled_cells(clusters)
+    codes = data.codes
+    if profiled is not None:
+        z_p, clusters_p = z[profiled], clusters[profiled]
+        codes = None if codes is None else codes[profiled]
+    else:
+        z_p, clusters_p = z, clusters
+    profiles: dict[int | None, torch.Tensor] = {}  # by the batch the clusters are decoded in
+
+    def profiles_in(batch: int | None) -> torch.Tensor:
+        if batch not in profiles:
+            profiles[batch] = _cluster_profiles(module, z_p, clusters_p, codes, batch)
+        return profiles[batch]
+
     log_odds = torch.zeros(data.n_cells, device=z.device)
     for _ in range(settings.n_repeats):
-        pairs = make_pairs(groups, clusters, n_sim)
-        real, artificial = None, []
-        for g in torch.unique(groups):
-            group = _Group(torch.nonzero(groups == g).ravel(),
-                           _Pairs(*(p[groups[pairs.first] == g] for p in pairs)),
-                           int(g) if by_batch else None)
-            features = _group_features(module, data, z, clusters, group)
-            if real is None:
-                real = features.new_empty(data.n_cells, features.shape[1])
-            real[group.cells] = features[:len(group.cells)]
-            artificial.append(features[len(group.cells):])
-        log_odds += cross_validated_log_odds(torch.cat([real, *artificial]), data.n_cells,
-                                             settings.expected_rate, settings.n_folds)
+        for unit in units:
+            log_odds[unit.cells] += _unit_log_odds(data, clusters, unit, settings, profiles_in)
     rate = settings.expected_rate
     prior = math.log(rate / (1 - rate))
     return torch.sigmoid(log_odds.double() / settings.n_repeats + prior).cpu().numpy()
+
+
+def _unit_log_odds(data: CountTensors, clusters: torch.Tensor, unit: _Unit,
+                   settings: DoubletSettings, profiles_in) -> torch.Tensor:
+    """One repeat on one unit: fresh artificial doublets, the features of each of its parts,
+    and the cross-validated log odds of its real cells, ``(n_u,)``."""
+    n_real = len(unit.cells)
+    n_sim = max(MIN_DOUBLETS, round(settings.sim_ratio * n_real))
+    local = make_pairs(unit.groups, clusters[unit.cells], n_sim)
+    pairs = _Pairs(unit.cells[local.first], unit.cells[local.second])
+    part_of_pair = unit.groups[local.first]
+    real, artificial = None, []
+    for g in torch.unique(unit.groups):
+        mine = torch.nonzero(unit.groups == g).ravel()
+        group = _Group(unit.cells[mine], _Pairs(*(p[part_of_pair == g] for p in pairs)),
+                       unit.batches[int(g)])
+        features = _group_features(data, profiles_in(group.batch), group)
+        if real is None:
+            real = features.new_empty(n_real, features.shape[1])
+        real[mine] = features[:len(mine)]
+        artificial.append(features[len(mine):])
+    return cross_validated_log_odds(torch.cat([real, *artificial]), n_real,
+                                    settings.expected_rate, settings.n_folds)

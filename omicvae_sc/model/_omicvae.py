@@ -529,6 +529,13 @@ class OmicVAE:
         posterior probability with the prior ``expected_rate``. The details and the reasons
         are in ``omicvae_sc.model._doublets``.
 
+        On many cells the work is split so that its time grows linearly with the cells and its
+        memory does not: cells are scored in units of at most 25,000 (a larger batch is split
+        into random sets of 1,024 consecutive cells, which on disk are single reads; smaller
+        batches are scored together), and above that size each cluster's decoded profile is
+        the mean of up to 2,000 of its cells. On an atlas, set up the model with the sample
+        (the loading) as ``batch_key``: doublets form within a loading.
+
         Parameters
         ----------
         adata

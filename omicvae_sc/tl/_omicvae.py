@@ -133,13 +133,6 @@ def omicvae(
                    "ov.read_lazy). Leave copy=False: the results go into the object in memory "
                    "and the file is not changed; or load it first with adata.to_memory().")
             raise ValueError(msg)
-        if n_top_genes is not None and n_top_genes < adata.n_vars:
-            msg = ("n_top_genes ranks the genes on every count in memory, and these counts "
-                   "are on disk (backed, or from ov.read_lazy); it is not done by blocks yet. "
-                   "Choose the genes on a sample of cells and fit them with the model object, "
-                   "which reads only their columns: OmicVAE.setup_anndata(adata, "
-                   "genes=chosen); or fit every gene (n_top_genes=None).")
-            raise ValueError(msg)
     if save_model is not None and Path(save_model).exists():
         msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
         raise FileExistsError(msg)
@@ -172,10 +165,16 @@ def prepare(adata: AnnData, *, layer: str | None, batch_key: str | None,
     untrained model on them; nothing is written to ``adata``."""
     genes = genes_to_model(adata, layer=layer, batch_key=batch_key, n_top_genes=n_top_genes,
                            allow_non_integer=allow_non_integer)
+    covariates = {"layer": layer, "batch_key": batch_key,
+                  "categorical_covariate_keys": categorical_covariate_keys,
+                  "allow_non_integer": allow_non_integer}
+    if genes is not None and holds_disk_arrays(adata):
+        # on disk the model reads the chosen columns of every block itself, and maps its
+        # results back onto all genes: no view, no gene mask for write_back
+        setup = build_setup(adata, genes=genes, **covariates)
+        return OmicVAE.from_setup(adata, setup, device=device, **hparams), None
     fitted = adata if genes is None else adata[:, genes]  # a view: read, never written
-    setup = build_setup(fitted, layer=layer, batch_key=batch_key,
-                        categorical_covariate_keys=categorical_covariate_keys,
-                        allow_non_integer=allow_non_integer)
+    setup = build_setup(fitted, **covariates)
     return OmicVAE.from_setup(fitted, setup, device=device, **hparams), genes
 
 
