@@ -8,13 +8,16 @@ latent of every cell, streamed from disk (``ov.read_lazy``) and, for ``--memory-
 fewer, from memory (``anndata.read_h5ad``): seconds of the set-up check, of the epoch and of the
 latent, training cells/s, peak RSS, the RSS once the file is open (imports plus the AnnData's
 own obs and var, which anndata keeps in memory) and the peak above that (``model_peak_mb``:
-what set-up, training and inference add, the latent included). ``--scvi-python`` adds
+what set-up, training and inference add, the latent included). ``--drop-cache`` adds a
+streamed run whose page cache is emptied after set-up, so that the epoch reads every block from
+the disk, as it would from a file larger than the page cache. ``--scvi-python`` adds
 scvi-tools 1.4.2 on the same file (it loads the file into memory): its peak RSS and cells/s for
 one epoch.
 
 ``end-to-end``: ``tl.omicvae`` on each file opened with ``ov.read_lazy`` (``--epochs`` epochs;
-doublets only with ``--doublets``), its per-cell results written to a new h5ad beside no counts:
-wall time and peak RSS.
+anomaly scores only with ``--anomaly``, doublets only with ``--doublets``), its per-cell
+results written to a new h5ad without the counts: wall time, the time of each stage, and peak
+RSS.
 
 ``quality``: held-out log p(x) (K=100 importance samples) after the same epochs and seed, fully
 shuffled in memory against block-shuffled streaming at several block and buffer sizes, on
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -70,6 +74,8 @@ def child_scale(args) -> dict:
     ov.OmicVAE.setup_anndata(adata)
     t_setup = time.perf_counter() - t0
     model = ov.OmicVAE(adata, device="cpu", seed=0)
+    if args.drop_cache:  # the set-up check just read the file: the epoch must not find it cached
+        _drop_page_cache()
     t0 = time.perf_counter()
     model.train(1, batch_size=args.batch_size, validation_fraction=0.0, progress_bar=False,
                 **({"block_rows": args.block_rows, "buffer_blocks": args.buffer_blocks}
@@ -82,8 +88,16 @@ def child_scale(args) -> dict:
             "open_s": t_open, "setup_s": t_setup, "epoch_s": t_epoch,
             "cells_per_s": adata.n_obs / t_epoch, "latent_s": t_latent,
             "latent_finite": bool(np.isfinite(z).all()),
+            "page_cache": "dropped" if args.drop_cache else "warm",
             "peak_rss_mb": rss_mb(), "rss_base_mb": base, "rss_open_mb": rss_open,
             "model_peak_mb": rss_mb() - rss_open}
+
+
+def _drop_page_cache() -> None:
+    """Empty the kernel's page cache (Linux, root), so that reads go to the disk: what an epoch
+    over a file larger than the page cache meets at every block."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
 
 
 def child_quality(args) -> dict:
@@ -113,6 +127,20 @@ def child_quality(args) -> dict:
             "heldout_ll": float(np.mean(ll)), "train_s": seconds}
 
 
+class _StageTimes(logging.Handler):
+    """Collects the ``omicvae_sc: <stage> in <s> s`` lines of a run."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("omicvae_sc: ") and text.endswith(" s") and " in " in text:
+            name, _, value = text[len("omicvae_sc: "):-2].rpartition(" in ")
+            self.seconds[name] = self.seconds.get(name, 0.0) + float(value)
+
+
 def child_end_to_end(args) -> dict:
     """``tl.omicvae`` on a file opened lazily: fit, latent, anomaly scores (and doublets with
     ``--doublets``), and the per-cell results written to a new h5ad without the counts."""
@@ -122,19 +150,23 @@ def child_end_to_end(args) -> dict:
     import omicvae_sc as ov
 
     torch.set_num_threads(args.threads)
+    stages = _StageTimes()
+    logging.getLogger("omicvae_sc").addHandler(stages)
+    logging.getLogger("omicvae_sc").setLevel(logging.INFO)
     reset_peak_rss()
     t0 = time.perf_counter()
     adata = ov.read_lazy(args.file)
     rss_open = rss_mb("VmRSS")
-    ov.tl.omicvae(adata, max_epochs=args.epochs, doublets=args.doublets,
-                  batch_size=args.batch_size, progress_bar=True)
+    ov.tl.omicvae(adata, max_epochs=args.epochs, doublets=args.doublets, anomaly=args.anomaly,
+                  train_kwargs={"batch_size": args.batch_size}, progress_bar=True)
     t_fit = time.perf_counter() - t0
     out = Path(args.out_dir) / (Path(args.file).stem + "_omicvae_results.h5ad")
     ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm), uns=dict(adata.uns)).write_h5ad(out)
     return {"file": Path(args.file).name, "cells": adata.n_obs, "epochs": args.epochs,
-            "doublets": args.doublets, "wall_s": time.perf_counter() - t0, "fit_and_score_s":
-            t_fit, "peak_rss_mb": rss_mb(), "rss_open_mb": rss_open,
-            "results_file_mb": out.stat().st_size / 2**20,
+            "anomaly": args.anomaly, "doublets": args.doublets,
+            "wall_s": time.perf_counter() - t0, "fit_and_score_s": t_fit,
+            "peak_rss_mb": rss_mb(), "rss_open_mb": rss_open,
+            "results_file_mb": out.stat().st_size / 2**20, "stages_s": stages.seconds,
             "obs_columns": [c for c in adata.obs.columns if c.startswith("omicvae")]}
 
 
@@ -153,12 +185,14 @@ def part_scale(args) -> pd.DataFrame:
         n = ad.read_h5ad(file, backed="r").n_obs
         modes = ["stream"] + (["memory"] if n <= args.memory_up_to else [])
         for mode in modes:
-            row = run_child(["--child", "scale", "--mode", mode, "--file", str(file),
-                             "--batch-size", str(args.batch_size), "--threads",
-                             str(args.threads), "--block-rows", str(args.block_rows),
-                             "--buffer-blocks", str(args.buffer_blocks)])
-            print(row, flush=True)
-            rows.append(row)
+            for drop in [False, True] if args.drop_cache and mode == "stream" else [False]:
+                row = run_child(["--child", "scale", "--mode", mode, "--file", str(file),
+                                 "--batch-size", str(args.batch_size), "--threads",
+                                 str(args.threads), "--block-rows", str(args.block_rows),
+                                 "--buffer-blocks", str(args.buffer_blocks)]
+                                + (["--drop-cache"] if drop else []))
+                print(row, flush=True)
+                rows.append(row)
         if args.scvi_python and n <= args.memory_up_to:
             rows.append(scvi_epoch(args, Path(file), n))
             print(rows[-1], flush=True)
@@ -224,7 +258,8 @@ def part_end_to_end(args) -> pd.DataFrame:
         row = run_child(["--child", "end-to-end", "--file", str(file), "--epochs",
                          str(args.epochs), "--batch-size", str(args.batch_size), "--threads",
                          str(args.threads), "--out-dir", str(args.out_dir)]
-                        + (["--doublets"] if args.doublets else []))
+                        + (["--doublets"] if args.doublets else [])
+                        + (["--anomaly"] if args.anomaly else []))
         print(row, flush=True)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -245,6 +280,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--doublets", action="store_true", help="end-to-end: score doublets")
+    parser.add_argument("--anomaly", action="store_true",
+                        help="end-to-end: anomaly scores (10 generated cells a cell)")
+    parser.add_argument("--drop-cache", action="store_true",
+                        help="scale: also stream each file with the page cache emptied after "
+                             "set-up (Linux, root): the epoch reads from the disk")
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="end-to-end: where the results h5ad is written")
     # a child's own arguments
