@@ -280,3 +280,46 @@ def test_reading_results_that_are_not_there_says_how_to_make_them(synthetic, ada
                                        r"ov\.tl\.omicvae\(adata, key_added='omicvae'\)"):
         ResultsRecord.read(synthetic)
     assert adata_fingerprint(synthetic) == before
+
+
+def test_long_stages_show_bars_and_the_bars_change_no_result(synthetic, monkeypatch, capsys):
+    """On many cells each output stage shows a bar over its cells (doublets: over the units it
+    scores), and an epoch of many steps a bar over its steps; the numbers are those of a run
+    without bars. Thresholds lowered so that 300 cells count as many."""
+    from omicvae_sc.model import _doublets, _runtime
+    from omicvae_sc.train import _trainer
+
+    ov.OmicVAE.setup_anndata(synthetic, layer="counts")
+    model = ov.OmicVAE(synthetic, seed=0, device="cpu")
+    monkeypatch.setattr(_trainer, "STEP_BAR_STEPS", 2)
+    model.train(2, progress_bar=True)
+    assert re.search(r"epoch: .*/3 \[", capsys.readouterr().err)  # 270 cells in batches of 128
+    quiet, loud = synthetic.copy(), synthetic.copy()
+    model.write_results(quiet, progress_bar=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(_runtime, "PROGRESS_CELLS", 100)
+    monkeypatch.setattr(_doublets, "MAX_UNIT_CELLS", 150)
+    monkeypatch.setattr(_doublets, "UNIT_BLOCK_ROWS", 16)
+    model.write_results(loud, progress_bar=True)
+    err = capsys.readouterr().err
+    for bar in (r"log p\(x\): .*/300 \[", r"anomaly scores: .*/300 \[", r"latents: .*/600 \[",
+                r"doublet scores: .*/6 \["):
+        assert re.search(bar, err), bar
+    for key in ("omicvae_log_likelihood", "omicvae_anomaly_score"):
+        np.testing.assert_array_equal(loud.obs[key], quiet.obs[key])
+    np.testing.assert_array_equal(loud.obsm["X_omicvae"], quiet.obsm["X_omicvae"])
+
+
+def test_a_stage_bar_counts_every_cell_of_every_pass(synthetic, monkeypatch):
+    from omicvae_sc.data import CountTensors
+    from omicvae_sc.model import _runtime
+
+    monkeypatch.setattr(_runtime, "PROGRESS_CELLS", 100)
+    data = CountTensors(synthetic.layers["counts"], None)
+    with _runtime.cell_progress(data, "two passes", enabled=True, passes=2) as counted:
+        for _ in range(2):
+            assert sum(len(x) for x, _ in counted.batches(64, shuffle=False)) == 300
+        assert counted._bar.n == counted._bar.total == 600
+        assert counted.n_genes == data.n_genes  # the rest is the data's own
+    with _runtime.cell_progress(data, "off", enabled=False) as plain:
+        assert plain is data

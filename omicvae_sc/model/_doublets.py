@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from omicvae_sc.data import CountTensors
 from omicvae_sc.model._pca import streamed_pca
@@ -70,6 +71,7 @@ class DoubletSettings:
     sim_ratio: float = 1.0
     n_repeats: int = 3
     n_folds: int = 5
+    progress_bar: bool = False  # a bar over the units scored, when there are several
 
 
 class _Pairs(NamedTuple):
@@ -430,9 +432,13 @@ def doublet_probability(module: VAE, data: CountTensors, settings: DoubletSettin
         return profiles[batch]
 
     log_odds = torch.zeros(data.n_cells, device=z.device)
-    for _ in range(settings.n_repeats):
-        for unit in units:
-            log_odds[unit.cells] += _unit_log_odds(data, clusters, unit, settings, profiles_in)
+    with tqdm(total=settings.n_repeats * len(units), desc="doublet scores", unit="unit",
+              leave=False, disable=not settings.progress_bar or len(units) < 2) as bar:
+        for _ in range(settings.n_repeats):
+            for unit in units:
+                log_odds[unit.cells] += _unit_log_odds(data, clusters, unit, settings,
+                                                       profiles_in)
+                bar.update()
     rate = settings.expected_rate
     prior = math.log(rate / (1 - rate))
     return torch.sigmoid(log_odds.double() / settings.n_repeats + prior).cpu().numpy()

@@ -566,7 +566,7 @@ class OmicVAE:
         layers: bool = False, n_samples: int = LOG_LIKELIHOOD_SAMPLES, anomaly: bool = True,
         contamination: float | None = None, n_mads: float = N_MADS, doublets: bool = True,
         doublet_rate: float | None = None, seed: int = 0,
-        denoised_path: str | Path | None = None,
+        denoised_path: str | Path | None = None, progress_bar: bool = True,
     ) -> None:
         """Write latents, per-cell scores, flags and parameters into ``adata`` (README table).
 
@@ -605,13 +605,16 @@ class OmicVAE:
             With ``layers=True``, write the denoised layer chunk by chunk into this new
             ``.zarr`` store and place it in ``layers`` as an array on disk
             (needed when the counts are on disk; the file appears only when complete).
+        progress_bar
+            From 20,000 cells on, show a bar over the cells (the units, for doublets) of each
+            stage.
         """
         check_key_added(key_added)
         adata = self.adata if adata is None else adata
         options = ResultOptions(layers=layers, n_samples=n_samples, anomaly=anomaly,
                                 contamination=contamination, n_mads=n_mads, doublets=doublets,
                                 doublet_rate=doublet_rate, seed=seed,
-                                denoised_path=denoised_path)
+                                denoised_path=denoised_path, progress_bar=progress_bar)
         write_results(adata, self.compute_results(adata, options), key_added=key_added)
 
     def compute_results(self, adata: AnnData, options: ResultOptions | None = None) -> Results:

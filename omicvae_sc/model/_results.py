@@ -18,7 +18,7 @@ from omicvae_sc.data import (
 )
 from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
-from omicvae_sc.model._runtime import seeded, stage
+from omicvae_sc.model._runtime import cell_progress, seeded, stage
 from omicvae_sc.module import VAE
 
 LOG_LIKELIHOOD_SAMPLES = 25
@@ -39,7 +39,8 @@ def anomaly(module: VAE, data: CountTensors, n_draws: int, n_samples: int, seed:
 
 
 def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed: int, *,
-             by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3) -> np.ndarray:
+             by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3,
+             progress_bar: bool = False) -> np.ndarray:
     """Doublet probability per cell (see ``OmicVAE.get_doublet_score``), float64."""
     _scores.check_rate("expected_rate", expected_rate)
     if not sim_ratio > 0:
@@ -50,7 +51,7 @@ def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed:
     rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
         else expected_rate
     settings = _doublets.DoubletSettings(expected_rate=rate, sim_ratio=sim_ratio,
-                                         n_repeats=n_repeats)
+                                         n_repeats=n_repeats, progress_bar=progress_bar)
     with seeded(seed, data.device):
         return _doublets.doublet_probability(module, data, settings, by_batch=by_batch)
 
@@ -68,6 +69,7 @@ class ResultOptions:
     doublet_rate: float | None = None
     seed: int = 0
     denoised_path: str | Path | None = None  # write the denoised layer there, not in memory
+    progress_bar: bool = False  # bars over the cells of each stage, on many cells
 
     def check(self) -> None:
         """Raise on unusable options, before any work is done."""
@@ -102,15 +104,19 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     checked by the caller (before the data are read); ``params``, ``setup`` and ``history``
     describe the model. Each stage logs its seconds (logger ``omicvae_sc``, level INFO)."""
     seed = options.seed
-    with stage("log-likelihood, rate and distortion"):
-        ev = _outputs.evaluate(module, data, options.n_samples, seed)
+    bars = options.progress_bar
+    with stage("log-likelihood, rate and distortion"), \
+            cell_progress(data, "log p(x)", enabled=bars) as counted:
+        ev = _outputs.evaluate(module, counted, options.n_samples, seed)
     obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
            "distortion": ev.distortion.numpy()}
     params = {**params, "n_samples": options.n_samples, "device": str(data.device)}
     flag_rules = {}
     if options.anomaly:
-        with stage("anomaly scores"):
-            score = anomaly(module, data, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES, seed)
+        with stage("anomaly scores"), \
+                cell_progress(data, "anomaly scores", enabled=bars) as counted:
+            score = anomaly(module, counted, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES,
+                            seed)
         flags = (_scores.flag_robust(score, options.n_mads) if options.contamination is None
                  else _scores.flag_top_fraction(score, options.contamination))
         obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
@@ -118,13 +124,15 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     if options.doublets:
         rate = options.doublet_rate or _scores.default_doublet_rate(data.n_cells)
         with stage("doublet scores"):
-            score = doublets(module, data, rate, seed, by_batch="batch_key" in setup)
+            score = doublets(module, data, rate, seed, by_batch="batch_key" in setup,
+                             progress_bar=bars)
         flags = _scores.flag_top_fraction(score, rate)
         obs |= {"doublet_score": score, "is_doublet": flags.flagged}
         flag_rules["doublet"] = flags.to_dict()
-    with stage("latent diagnostics and latents"):
-        diagnostics = _diagnostics.latent_diagnostics(module, data, seed=seed).to_dict()
-        latent = _outputs.latent(module, data)
+    with stage("latent diagnostics and latents"), \
+            cell_progress(data, "latents", enabled=bars, passes=2) as counted:
+        diagnostics = _diagnostics.latent_diagnostics(module, counted, seed=seed).to_dict()
+        latent = _outputs.latent(module, counted)
     denoised = None
     if options.layers:
         with stage("denoised expression"):

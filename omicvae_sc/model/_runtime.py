@@ -79,3 +79,42 @@ def stage(name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     logger.info("omicvae_sc: %s in %.1f s", name, time.perf_counter() - start)
+
+
+PROGRESS_CELLS = 20_000
+"""From this many cells on, the output stages show a progress bar over the cells (below, they
+take seconds)."""
+
+
+class _Counted:
+    """``data`` whose passes over its cells (``batches``) move ``bar`` by the cells they
+    yield; everything else is ``data``'s."""
+
+    def __init__(self, data, bar):
+        self._data, self._bar = data, bar
+
+    def __getattr__(self, name: str):
+        return getattr(self._data, name)
+
+    def batches(self, batch_size: int, **kwargs):
+        for item in self._data.batches(batch_size, **kwargs):
+            self._bar.update(len(item[0]))
+            yield item
+
+
+@contextlib.contextmanager
+def cell_progress(data, desc: str, *, enabled: bool, passes: int = 1):
+    """``data``, or with ``enabled`` and at least ``PROGRESS_CELLS`` cells a view of it whose
+    ``passes`` passes over the cells advance a tqdm bar (closed, and gone, when done)."""
+    if not enabled or data.n_cells < PROGRESS_CELLS:
+        yield data
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=passes * data.n_cells, desc=desc, unit="cell", unit_scale=True,
+               leave=False)
+    try:
+        yield _Counted(data, bar)
+    finally:
+        bar.close()
+

@@ -73,7 +73,8 @@ def omicvae(
         ranked in two passes over blocks of rows (the same genes), and only the chosen
         columns are read for training.
     progress_bar
-        Show the training progress bar.
+        Show the training progress bar and, from 20,000 cells on, a bar over the cells of each
+        output stage.
     model_kwargs, train_kwargs
         Further arguments of :class:`~omicvae_sc.OmicVAE` and
         :meth:`~omicvae_sc.OmicVAE.train`.
@@ -125,7 +126,7 @@ def omicvae(
     check_key_added(key_added)
     options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
                             doublets=doublets, doublet_rate=doublet_rate, seed=seed,
-                            denoised_path=denoised_path)
+                            denoised_path=denoised_path, progress_bar=progress_bar)
     options.check()  # before training, as the rest of the input
     check_n_top_genes(n_top_genes)
     check_denoised_target(options, adata)

@@ -131,6 +131,11 @@ class _FiniteGuard:
         return i, float(losses[i])
 
 
+STEP_BAR_STEPS = 2000
+"""An epoch of at least this many minibatches (256,000 cells at the default batch size) gets
+a second bar, over its steps: on an atlas one epoch is minutes."""
+
+
 def _epoch_sums(
     module: VAE, data: Minibatches, config: TrainConfig, *, train: bool,
     optimizer: torch.optim.Optimizer | None, step: int, total_steps: int,
@@ -147,9 +152,14 @@ def _epoch_sums(
     # the precision is set once per pass; validation runs in float32
     precision = module.matmul_dtype(config.matmul_dtype if train else None)
     nonzero = module.uses_nonzero_positions  # the loader knows where they are
-    with torch.set_grad_enabled(train), precision:
+    n_steps = data.n_batches(config.batch_size)
+    with torch.set_grad_enabled(train), precision, \
+            tqdm(total=n_steps, desc="epoch" if train else "validation", unit="step",
+                 leave=False, disable=not config.progress_bar or n_steps < STEP_BAR_STEPS
+                 ) as step_bar:
         for x, codes, *positions in data.batches(config.batch_size, shuffle=train,
                                                  generator=generator, nonzero=nonzero):
+            step_bar.update()
             nz = positions[0] if positions else None
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
