@@ -13,6 +13,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
@@ -331,6 +332,51 @@ def test_tl_on_a_lazy_zarr_store_writes_its_results_in_memory(synthetic, tmp_pat
     for key in ("omicvae_log_likelihood", "omicvae_anomaly_score", "omicvae_doublet_score"):
         assert np.isfinite(adata.obs[key]).all(), key
     assert _sha(store) == before
+
+
+def test_results_go_into_a_file_opened_r_plus(on_disk):
+    """backed='r+': the results land in the object and in its file, column by column (the
+    counts and the other columns untouched); the file reads back with them."""
+    mem, path = on_disk
+    adata = ad.read_h5ad(path, backed="r+")
+    columns = list(adata.obs.columns)
+    ov.tl.omicvae(adata, layer="counts", n_top_genes=20, max_epochs=2, progress_bar=False,
+                  device="cpu")
+    adata.file.close()
+    back = ad.read_h5ad(path)
+    added = [c for c in adata.obs.columns if c.startswith("omicvae_")]
+    assert list(back.obs.columns) == columns + added and len(added) == 7
+    for c in adata.obs.columns:
+        np.testing.assert_array_equal(back.obs[c].to_numpy(), adata.obs[c].to_numpy())
+    np.testing.assert_array_equal(back.obsm["X_omicvae"], adata.obsm["X_omicvae"])
+    np.testing.assert_array_equal(back.var["omicvae_genes"], adata.var["omicvae_genes"])
+    assert back.uns["omicvae"]["params"]["n_top_genes"] == 20
+    assert (back.layers["counts"] != mem.layers["counts"]).nnz == 0
+    assert (back.X != mem.X).nnz == 0
+
+
+def test_no_room_for_the_results_on_the_disk_writes_nothing(on_disk, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    _, path = on_disk
+    adata = ad.read_h5ad(path, backed="r+")
+    OmicVAE.setup_anndata(adata, layer="counts")
+    model = OmicVAE(adata, seed=0, device="cpu")
+    model.train(1, progress_bar=False)
+    adata.file.close()
+    before = _sha(path)
+    adata = ad.read_h5ad(path, backed="r+")
+    obs_before = adata.obs.copy()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    with pytest.raises(OSError, match=r"needs about \d+ MB free on its disk; 0 MB are\. "
+                                      r"Nothing was written, in memory or to the file"):
+        model.write_results(adata, doublets=False, progress_bar=False)
+    assert list(adata.obsm) == [] and "omicvae" not in adata.uns
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    adata.file.close()
+    assert _sha(path) == before
 
 
 # ---------------------------------------------------------------------------- large outputs

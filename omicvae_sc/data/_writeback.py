@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
@@ -76,6 +77,9 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
         raise ValueError(msg)
     check_key_added(key_added)
     keys = output_keys(key_added, results)
+    backing = _writable_backing_file(adata)
+    if backing is not None:
+        _check_room(backing, results)  # before anything is written, in memory or on disk
     adata.obsm[keys["obsm"][0]] = np.asarray(results.latent, dtype=np.float32)
     for name, suffix in zip(keys["obs"], results.obs, strict=True):
         adata.obs[name] = np.asarray(results.obs[suffix])
@@ -88,7 +92,54 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
     adata.uns[key_added] = results.record.to_uns()
     added = ", ".join(f"{attr}[{k!r}]" for attr, ks in keys.items() for k in ks)
     logger.info("omicvae_sc added %s", added)
+    if backing is not None:
+        _write_through(adata, backing, keys, key_added)
+        logger.info("omicvae_sc wrote them to %s too (opened with backed='r+'; the "
+                    "denoised layer, if any, stays in its zarr store)", adata.filename)
     return keys
+
+
+def _writable_backing_file(adata: AnnData):
+    """The open HDF5 file of an AnnData opened with ``backed="r+"``, else ``None``."""
+    if not adata.isbacked:
+        return None
+    handle = getattr(adata.file, "_file", None)  # anndata's h5py.File; no public accessor
+    return handle if handle is not None and handle.mode == "r+" else None
+
+
+def _check_room(handle, results: Results) -> None:
+    """Refuse, before writing, when the file's disk lacks twice the bytes the per-cell results
+    take: an HDF5 file that fills its disk cannot be closed cleanly."""
+    import shutil
+
+    need = 2 * (np.asarray(results.latent).nbytes
+                + sum(np.asarray(a).nbytes for a in results.obs.values())
+                + sum(np.asarray(a).nbytes for a in results.var.values()) + (1 << 20))
+    free = shutil.disk_usage(Path(handle.filename).parent).free
+    if free < need:
+        msg = (f"Writing the results into {handle.filename} (opened with backed='r+') needs "
+               f"about {need / 2**20:.0f} MB free on its disk; {free / 2**20:.0f} MB are. "
+               "Nothing was written, in memory or to the file; free space, or open the file "
+               "with backed='r' to keep the results in memory only.")
+        raise OSError(msg)
+
+
+def _write_through(adata: AnnData, handle, keys: dict[str, list[str]], key_added: str) -> None:
+    """The keys just written into ``adata``, also into its backing file: obs and var columns
+    one by one (the rest of the table is not rewritten: HDF5 does not give space back),
+    the latent and the uns entry."""
+    from anndata.io import write_elem
+
+    for attr, table in (("obs", adata.obs), ("var", adata.var)):
+        group = handle[attr]
+        for name in keys[attr]:
+            write_elem(group, name, np.asarray(table[name]))
+        order = [str(c) for c in group.attrs.get("column-order", [])]
+        group.attrs["column-order"] = np.array(
+            order + [n for n in keys[attr] if n not in order], dtype=object)
+    write_elem(handle.require_group("obsm"), keys["obsm"][0], adata.obsm[keys["obsm"][0]])
+    write_elem(handle.require_group("uns"), key_added, adata.uns[key_added])
+    handle.flush()
 
 
 def write_uns(adata: AnnData, key: str, value: dict) -> None:
