@@ -158,12 +158,13 @@ def child_end_to_end(args) -> dict:
     adata = ov.read_lazy(args.file)
     rss_open = rss_mb("VmRSS")
     ov.tl.omicvae(adata, max_epochs=args.epochs, doublets=args.doublets, anomaly=args.anomaly,
-                  train_kwargs={"batch_size": args.batch_size}, progress_bar=True)
+                  n_samples=args.n_samples, train_kwargs={"batch_size": args.batch_size},
+                  progress_bar=True)
     t_fit = time.perf_counter() - t0
     out = Path(args.out_dir) / (Path(args.file).stem + "_omicvae_results.h5ad")
     ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm), uns=dict(adata.uns)).write_h5ad(out)
     return {"file": Path(args.file).name, "cells": adata.n_obs, "epochs": args.epochs,
-            "anomaly": args.anomaly, "doublets": args.doublets,
+            "anomaly": args.anomaly, "doublets": args.doublets, "n_samples": args.n_samples,
             "wall_s": time.perf_counter() - t0, "fit_and_score_s": t_fit,
             "peak_rss_mb": rss_mb(), "rss_open_mb": rss_open,
             "results_file_mb": out.stat().st_size / 2**20, "stages_s": stages.seconds,
@@ -259,7 +260,8 @@ def part_end_to_end(args) -> pd.DataFrame:
                          str(args.epochs), "--batch-size", str(args.batch_size), "--threads",
                          str(args.threads), "--out-dir", str(args.out_dir)]
                         + (["--doublets"] if args.doublets else [])
-                        + (["--anomaly"] if args.anomaly else []))
+                        + (["--anomaly"] if args.anomaly else [])
+                        + ["--n-samples", str(args.n_samples)])
         print(row, flush=True)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -280,6 +282,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--doublets", action="store_true", help="end-to-end: score doublets")
+    parser.add_argument("--n-samples", type=int, default=25,
+                        help="end-to-end: importance samples of the written log p(x)")
     parser.add_argument("--anomaly", action="store_true",
                         help="end-to-end: anomaly scores (10 generated cells a cell)")
     parser.add_argument("--drop-cache", action="store_true",

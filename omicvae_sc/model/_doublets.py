@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from omicvae_sc.data import CountTensors
+from omicvae_sc.data import CountTensors, stack_rows
 from omicvae_sc.model._pca import streamed_pca
 from omicvae_sc.module import VAE, Pass, chunk_rows
 
@@ -410,8 +410,8 @@ def doublet_probability(module: VAE, data: CountTensors, settings: DoubletSettin
     ``by_batch``: the first covariate is the batch, the group within which doublets form.
     Cells are scored in units of at most ``MAX_UNIT_CELLS`` (:func:`scoring_units`)."""
     step = _chunk(data.n_genes, data.device)
-    z = torch.cat([module.inference(x, c).mean
-                   for x, c in data.batches(step, shuffle=False)]).float()
+    z = stack_rows(data.n_cells, (module.inference(x, c).mean.float()
+                                  for x, c in data.batches(step, shuffle=False)))
     clusters = kmeans(z, n_clusters(data.n_cells))
     groups = data.codes[:, 0] if by_batch else torch.zeros(data.n_cells, dtype=torch.long,
                                                            device=z.device)

@@ -68,12 +68,16 @@ def expression(module: VAE, data: CountTensors, library_size: float | str, cols:
 def evaluate(module: VAE, data: CountTensors, n_samples: int, seed: int) -> CellEvaluation:
     """:meth:`VAE.evaluate` over every cell: log p(x), distortion and rate, float64 on the
     host."""
-    parts = []
-    with seeded(seed, data.device):
+    def chunks():
         for x, codes in cell_chunks(data, n_samples):
-            parts.append(module.evaluate(x, codes, n_samples=n_samples))
-    return CellEvaluation(*(torch.cat([getattr(p, f) for p in parts]).double().cpu()
-                            for f in ("log_likelihood", "distortion", "rate")))
+            ev = module.evaluate(x, codes, n_samples=n_samples)
+            yield ev.log_likelihood, ev.distortion, ev.rate
+
+    # stack_rows, not a list of chunk results: those small results pin the chunks' freed
+    # temporaries in the heap (5.5 GB at 100k cells of 2,000 genes streamed from disk)
+    with seeded(seed, data.device):
+        stacked = stack_rows(data.n_cells, chunks())
+    return CellEvaluation(*(t.double().cpu() for t in stacked))
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from omicvae_sc.data import CountTensors
+from omicvae_sc.data import CountTensors, stack_rows
 from omicvae_sc.module import VAE, Pass, chunk_rows
 
 DOUBLETS_PER_THOUSAND_CELLS = 0.008
@@ -40,12 +40,10 @@ def anomaly_scores(
     """Predictive z-score per cell, ``(n_cells,)``: how much less likely the cell is than cells
     the model generates at its library size, in standard deviations of their log-likelihood
     (see :meth:`VAE.predictive_check`)."""
-    out = []
     width = (n_draws + 1) * n_samples * data.n_genes
-    for x, codes in data.batches(_chunk_size(width, data.device), shuffle=False):
-        check = module.predictive_check(x, codes, n_draws=n_draws, n_samples=n_samples)
-        out.append(check.z_score)
-    return torch.cat(out)
+    return stack_rows(data.n_cells, (
+        module.predictive_check(x, codes, n_draws=n_draws, n_samples=n_samples).z_score
+        for x, codes in data.batches(_chunk_size(width, data.device), shuffle=False)))
 
 
 # ---------------------------------------------------------------------------- flags

@@ -11,7 +11,13 @@ from omicvae_sc import data as _data
 from omicvae_sc.data import build_setup, check_key_added
 from omicvae_sc.data._disk import holds_disk_arrays
 from omicvae_sc.data._genes import check_n_top_genes, genes_to_model
-from omicvae_sc.model import OmicVAE, ResultOptions, check_denoised_target, stage
+from omicvae_sc.model import (
+    LOG_LIKELIHOOD_SAMPLES,
+    OmicVAE,
+    ResultOptions,
+    check_denoised_target,
+    stage,
+)
 
 
 def omicvae(
@@ -23,7 +29,7 @@ def omicvae(
     doublet_rate: float | None = None, n_top_genes: int | None = None, progress_bar: bool = True,
     model_kwargs: dict | None = None, train_kwargs: dict | None = None,
     allow_non_integer: bool = False, save_model: str | Path | None = None, copy: bool = False,
-    denoised_path: str | Path | None = None,
+    denoised_path: str | Path | None = None, n_samples: int = LOG_LIKELIHOOD_SAMPLES,
 ) -> AnnData | None:
     """Fit an :class:`~omicvae_sc.OmicVAE` to raw counts and write what it learns into ``adata``.
 
@@ -53,6 +59,10 @@ def omicvae(
         Prefix of every key written.
     layers
         Also write the denoised expression (expected counts at each cell's depth).
+    n_samples
+        Importance samples per cell for the written log-likelihood, rate and distortion
+        (default 25). Their cost grows with it: on millions of cells, fewer samples give a
+        looser estimate sooner.
     anomaly
         Score and flag anomalous cells (:meth:`~omicvae_sc.OmicVAE.get_anomaly_score`).
     contamination
@@ -124,7 +134,8 @@ def omicvae(
         value, the threshold and the number of cells flagged.
     """
     check_key_added(key_added)
-    options = ResultOptions(layers=layers, anomaly=anomaly, contamination=contamination,
+    options = ResultOptions(layers=layers, n_samples=n_samples, anomaly=anomaly,
+                            contamination=contamination,
                             doublets=doublets, doublet_rate=doublet_rate, seed=seed,
                             denoised_path=denoised_path, progress_bar=progress_bar)
     options.check()  # before training, as the rest of the input
