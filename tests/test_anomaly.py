@@ -290,7 +290,10 @@ def test_default_anomaly_rule_is_median_plus_three_robust_sd():
 def test_default_doublet_rate_follows_cells_loaded():
     assert default_doublet_rate(1000) == pytest.approx(0.008)
     assert default_doublet_rate(10_000) == pytest.approx(0.08)
-    assert default_doublet_rate(10**6) == 0.25
+    with pytest.warns(UserWarning, match=r"The default doublet rate, 0\.8% per 1,000 cells "
+                                         r"loaded together, is capped at 25% for these "
+                                         r"1,000,000 cells: it assumes they are one loading"):
+        assert default_doublet_rate(10**6) == 0.25
     model, adata, _ = _with_doublets()
     out = _write(model, adata, anomaly=False)
     rule = out.uns["omicvae"]["doublet"]

@@ -8,6 +8,7 @@ policy's ``Pass.SCORES``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,18 @@ class Flags:
 
 
 def default_doublet_rate(n_cells: int) -> float:
-    """0.8% per 1,000 cells loaded (10x Genomics' table), at most 25%."""
-    return min(MAX_DOUBLET_RATE, DOUBLETS_PER_THOUSAND_CELLS * n_cells / 1000)
+    """0.8% per 1,000 cells loaded (10x Genomics' table), at most 25%. At the cap (from
+    31,250 cells) a warning says that the rule assumes one loading: an atlas of many loadings
+    would have a quarter of its cells flagged."""
+    rate = DOUBLETS_PER_THOUSAND_CELLS * n_cells / 1000
+    if rate > MAX_DOUBLET_RATE:
+        msg = (f"The default doublet rate, 0.8% per 1,000 cells loaded together, is capped at "
+               f"25% for these {n_cells:,} cells: it assumes they are one loading. For cells "
+               "of many loadings (an atlas), pass doublet_rate= (get_doublet_score: "
+               "expected_rate=), e.g. 0.008 per 1,000 cells of one loading; or doublets=False.")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        return MAX_DOUBLET_RATE
+    return rate
 
 
 def check_rate(name: str, value: float | None) -> None:
