@@ -89,8 +89,8 @@ def seurat_v3_on_disk(reader: RowReader, batches: np.ndarray, n_top_genes: int,
     standardized by the fitted spread, each count clipped at ``sqrt(n_cells)`` standard
     deviations above the mean. Genes are ranked per batch and ordered by median rank over the
     batches where they are in the top ``n_top_genes``, then by the number of such batches,
-    as scanpy does. Sums are float64; the selection matches scanpy's on the data in memory
-    (``tests/test_full_genes.py``).
+    as scanpy does. Sums are float64; the selection matches scanpy 1.11's on the data in
+    memory (``tests/test_streaming.py``); scanpy 1.12 picked one other gene of 2,000 there.
     """
     from skmisc.loess import loess
     from tqdm.auto import tqdm
