@@ -104,22 +104,23 @@ def seurat_v3_on_disk(reader: RowReader, batches: np.ndarray, n_top_genes: int,
                     desc=f"{what} of {reader.name}", leave=False,
                     disable=not progress_bar or n_blocks < 20)
 
-    def per_batch(block, lo: int, hi: int, fn):
-        """``fn(values, genes)`` summed by gene for each batch in the block's rows."""
+    def per_batch(block, lo: int, hi: int, clip=None):
+        """Sums by batch and gene of the block's counts and of their squares, each count
+        clipped at its batch's ``clip`` when given, ``(2, batches, genes)``."""
         codes = batches[lo:hi]
-        out = np.zeros((n_batches, n_genes))
+        out = np.zeros((2, n_batches, n_genes))
         for b in np.unique(codes):
-            part = block if len(codes) and (codes == b).all() else block[codes == b]
-            values, genes = fn(part.data.astype(np.float64), part.indices, b)
-            out[b] += np.bincount(genes, weights=values, minlength=n_genes)
+            part = block if (codes == b).all() else block[codes == b]
+            values = part.data.astype(np.float64)
+            if clip is not None:
+                values = np.minimum(values, clip[b, part.indices])
+            out[0, b] = np.bincount(part.indices, weights=values, minlength=n_genes)
+            out[1, b] = np.bincount(part.indices, weights=values * values, minlength=n_genes)
         return out
 
     cells = np.bincount(batches, minlength=n_batches).astype(np.float64)
-    sums = np.zeros((n_batches, n_genes))
-    squares = np.zeros((n_batches, n_genes))
-    for lo, hi, block in passes("gene means and variances"):
-        sums += per_batch(block, lo, hi, lambda v, g, b: (v, g))
-        squares += per_batch(block, lo, hi, lambda v, g, b: (v * v, g))
+    sums, squares = sum(per_batch(block, lo, hi) for lo, hi, block in
+                        passes("gene means and variances"))
     mean = sums / cells[:, None]
     var = (squares / cells[:, None] - mean**2) * (cells / (cells - 1))[:, None]
     reg_std = np.zeros_like(mean)
@@ -131,12 +132,8 @@ def seurat_v3_on_disk(reader: RowReader, batches: np.ndarray, n_top_genes: int,
         fitted[varies] = model.outputs.fitted_values
         reg_std[b] = np.sqrt(10**fitted)
     clip = reg_std * np.sqrt(cells)[:, None] + mean
-    clipped = np.zeros_like(mean)
-    clipped_squares = np.zeros_like(mean)
-    for lo, hi, block in passes("clipped gene variances"):
-        clipped += per_batch(block, lo, hi, lambda v, g, b: (np.minimum(v, clip[b, g]), g))
-        clipped_squares += per_batch(
-            block, lo, hi, lambda v, g, b: (np.minimum(v, clip[b, g]) ** 2, g))
+    clipped, clipped_squares = sum(per_batch(block, lo, hi, clip) for lo, hi, block in
+                                   passes("clipped gene variances"))
     with np.errstate(divide="ignore", invalid="ignore"):
         norm_var = (cells[:, None] * mean**2 + clipped_squares - 2 * clipped * mean) / (
             (cells[:, None] - 1) * reg_std**2)

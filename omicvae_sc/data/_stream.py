@@ -100,8 +100,8 @@ class BlockStream:
             per_block = np.add.reduceat(self._mask, np.arange(0, n_rows, block_rows),
                                         dtype=np.int64)
         self._blocks = np.flatnonzero(per_block)  # file blocks holding served rows
-        self._count = per_block[self._blocks]
-        self._first = np.concatenate([[0], np.cumsum(self._count)])  # served positions
+        # the position among the served cells of each such block's first served row
+        self._first = np.concatenate([[0], np.cumsum(per_block[self._blocks])])
         self.n_cells = int(self._first[-1])
         self._codes_all = codes
 
@@ -117,25 +117,19 @@ class BlockStream:
         """Number of minibatches :meth:`batches` yields for ``batch_size``."""
         return len(minibatch_bounds(self.n_cells, batch_size)) - 1
 
-    def _kept(self, block: int) -> np.ndarray | None:
-        """Offsets within the file block ``block`` of its served rows (None: all of them)."""
-        lo, hi = self._span(block)
-        if self._mask is None:
-            return None
+    def _served_block(self, b: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The served rows of ``self._blocks[b]``, read, and their row numbers in the file."""
+        lo, hi = self._span(int(self._blocks[b]))
+        data = self.reader.read(lo, hi)
+        if self._mask is None or self._mask[lo:hi].all():
+            return data, np.arange(lo, hi)
         keep = np.flatnonzero(self._mask[lo:hi])
-        return None if len(keep) == hi - lo else keep
+        return data[keep], lo + keep
 
     def _read(self, blocks: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray | None]:
         """The served rows of ``blocks`` (positions in ``self._blocks``), stacked in that
         order, with their covariate codes."""
-        parts, rows = [], []
-        for b in blocks:
-            block = int(self._blocks[b])
-            lo, hi = self._span(block)
-            keep = self._kept(block)
-            data = self.reader.read(lo, hi)
-            parts.append(data if keep is None else data[keep])
-            rows.append(np.arange(lo, hi) if keep is None else lo + keep)
+        parts, rows = zip(*(self._served_block(b) for b in blocks), strict=True)
         codes = None if self._codes_all is None else self._codes_all[np.concatenate(rows)]
         return sp.vstack(parts, format="csr"), codes
 
@@ -147,15 +141,9 @@ class BlockStream:
         pos = np.asarray(idx.cpu() if idx_host is None else idx_host, dtype=np.int64)
         which = np.searchsorted(self._first, pos, side="right") - 1  # into self._blocks
         used = np.unique(which)
-        parts, starts = [], np.empty(len(self._blocks), dtype=np.int64)
-        offset = 0
-        for b in used:
-            block = int(self._blocks[b])
-            keep = self._kept(block)
-            data = self.reader.read(*self._span(block))
-            parts.append(data if keep is None else data[keep])
-            starts[b] = offset
-            offset += parts[-1].shape[0]
+        parts = [self._served_block(b)[0] for b in used]
+        starts = np.empty(len(self._blocks), dtype=np.int64)
+        starts[used] = np.cumsum([0] + [p.shape[0] for p in parts[:-1]])
         stacked = sp.vstack(parts, format="csr")
         held = CountTensors(stacked[starts[which] + pos - self._first[which]], None, self.device)
         every = torch.arange(len(pos), device=self.device)

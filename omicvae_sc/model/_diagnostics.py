@@ -159,8 +159,7 @@ def latent_diagnostics(
     mean_var = moments.variance()
     active = (mean_var > ACTIVE_THRESHOLD).cpu().numpy()
     generator = torch.Generator(device=chosen_mean.device).manual_seed(seed)
-    with torch.inference_mode():
-        mi = mutual_information(chosen_mean, chosen_var, generator)
+    mi = mutual_information(chosen_mean, chosen_var, generator)
     return LatentDiagnostics(
         kl_per_dim=(moments.kl_sum / n).cpu().numpy(),
         posterior_mean_variance=mean_var.cpu().numpy(), active=active,
