@@ -74,7 +74,8 @@ def evaluate(module: VAE, data: CountTensors, n_samples: int, seed: int) -> Cell
             yield ev.log_likelihood, ev.distortion, ev.rate
 
     # stack_rows, not a list of chunk results: those small results pin the chunks' freed
-    # temporaries in the heap (5.5 GB at 100k cells of 2,000 genes streamed from disk)
+    # temporaries in the heap (6.9 GB at 100k cells of 2,000 genes streamed from disk with a
+    # second thread running: benchmarks/output_memory.py --idle-thread)
     with seeded(seed, data.device):
         stacked = stack_rows(data.n_cells, chunks())
     return CellEvaluation(*(t.double().cpu() for t in stacked))
