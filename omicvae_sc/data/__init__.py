@@ -8,7 +8,7 @@ from omicvae_sc.data._disk import (
     read_lazy,
     write_dense,
 )
-from omicvae_sc.data._loader import CountTensors, stack_rows
+from omicvae_sc.data._loader import CountTensors, RankPart, stack_rows
 from omicvae_sc.data._schema import FIELDS, SCHEMA_VERSION, Field, ResultsRecord, obs_key
 from omicvae_sc.data._setup import (
     SETUP_KEY,
@@ -49,6 +49,7 @@ __all__ = [
     "BlockStream",
     "CountTensors",
     "Field",
+    "RankPart",
     "Results",
     "ResultsRecord",
     "RowReader",

@@ -126,6 +126,86 @@ class CountTensors:
             else:
                 yield self.rows(idx, host[lo:hi]), codes
 
+    def part_batches(
+        self, batch_size: int, *, rank: int, world: int, shuffle: bool,
+        generator: torch.Generator | None = None, nonzero: bool = False,
+    ) -> Iterator[tuple[tuple[int, int], torch.Tensor, ...]]:
+        """Process ``rank`` of ``world``'s part of each step: ``((start, total), counts,
+        codes[, positions])``, its rows ``start:start + len(counts)`` of the step's ``total``.
+
+        Every process draws the same order from ``generator`` (the same state in every
+        process) and cuts it into the minibatches of one process at ``world * batch_size``
+        (:func:`shared_bounds`); process ``rank`` takes its ``rank``-th share of each. With
+        ``world=1`` this is :meth:`batches`, so ``world`` processes at ``batch_size`` see the
+        minibatches of one at ``world * batch_size``.
+        """
+        if shuffle:
+            host = torch.randperm(self.n_cells, generator=generator)
+        else:
+            host = torch.arange(self.n_cells)
+        order = host.to(self.device)
+        host = host.numpy()
+        for lo, hi in itertools.pairwise(shared_bounds(self.n_cells, batch_size, world)):
+            m = hi - lo
+            a, b = lo + m * rank // world, lo + m * (rank + 1) // world
+            idx = order[a:b]
+            codes = None if self.codes is None else self.codes[idx]
+            if nonzero:
+                x, positions = self.rows(idx, host[a:b], nonzero=True)
+                yield (a - lo, m), x, codes, positions
+            else:
+                yield (a - lo, m), self.rows(idx, host[a:b]), codes
+
+
+class RankPart:
+    """One process's minibatches of ``source`` (:class:`CountTensors` or a ``BlockStream``)
+    when ``world`` processes train together: the interface of ``source`` for the training
+    loop, with ``n_cells`` and ``n_batches`` those of all processes together. After each
+    minibatch, ``share`` is ``(start, total)``: where its rows lie in the step's whole
+    minibatch, and that minibatch's size."""
+
+    def __init__(self, source: CountTensors, rank: int, world: int):
+        shared_bounds(source.n_cells, 1, world)  # enough cells for every process
+        self.source, self.rank, self.world = source, rank, world
+        self.n_cells = source.n_cells
+        self.n_genes = source.n_genes
+        self.share = (0, 0)
+
+    def n_batches(self, batch_size: int) -> int:
+        """Steps of an epoch: the same in every process."""
+        return len(shared_bounds(self.n_cells, batch_size, self.world)) - 1
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+        nonzero: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This process's part of each step, as ``source.batches`` yields minibatches."""
+        for share, *item in self.source.part_batches(
+                batch_size, rank=self.rank, world=self.world, shuffle=shuffle,
+                generator=generator, nonzero=nonzero):
+            self.share = share
+            yield tuple(item)
+
+
+def shared_bounds(n_cells: int, batch_size: int, world: int) -> list[int]:
+    """Boundaries of each step's whole minibatch when ``world`` processes take ``batch_size``
+    cells each: those of one process at ``world * batch_size`` (:func:`minibatch_bounds`),
+    except that a last minibatch with fewer than two cells a process joins the one before."""
+    if n_cells < 2 * world:
+        msg = (f"{world} processes need at least {2 * world} cells to train on (two a process"
+               f" in each step, for BatchNorm); got {n_cells}.")
+        raise ValueError(msg)
+    bounds = [*range(0, n_cells, batch_size * world), n_cells]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2 * world:
+        del bounds[-2]
+    return bounds
+
+
+def even_split(n: int, parts: int) -> list[int]:
+    """``n`` as ``parts`` sizes that differ by at most one, the larger first."""
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
 
 def minibatch_bounds(n_cells: int, batch_size: int) -> list[int]:
     """Minibatch boundaries over ``n_cells``; a trailing one-cell batch is folded into the one

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from omicvae_sc.data._disk import RowReader
-from omicvae_sc.data._loader import CountTensors, minibatch_bounds
+from omicvae_sc.data._loader import CountTensors, even_split, minibatch_bounds, shared_bounds
 
 BLOCK_ROWS = 1024
 """Contiguous rows per read (see benchmarks/README.md, "Streaming from disk")."""
@@ -169,9 +169,54 @@ class BlockStream:
             order = torch.randperm(n_blocks, generator=generator).numpy()
         else:
             order = np.arange(n_blocks)
-        groups = [order[i:i + self.buffer_blocks]
-                  for i in range(0, n_blocks, self.buffer_blocks)]
-        served = 0
+        sizes = np.diff(minibatch_bounds(self.n_cells, batch_size))
+        yield from self._serve(order, sizes, shuffle, generator, nonzero)
+
+    def part_batches(
+        self, batch_size: int, *, rank: int, world: int, shuffle: bool,
+        generator: torch.Generator | None = None, nonzero: bool = False,
+    ) -> Iterator[tuple[tuple[int, int], torch.Tensor, ...]]:
+        """Process ``rank`` of ``world``'s part of each step: ``((start, total), counts,
+        codes[, positions])``, its rows ``start:start + len(counts)`` of the step's ``total``.
+
+        Every process draws the same block order from ``generator`` (the same state in every
+        process) and reads every ``world``-th block of it: disjoint blocks, together every
+        served cell once. All take the same number of steps (that of one process at
+        ``world * batch_size``); each splits its cells evenly over them, so parts differ by at
+        most a block's cells over the epoch. The cells of a buffer are shuffled with a seed
+        drawn once per epoch from ``generator``, offset by the rank.
+        """
+        n_blocks = len(self._blocks)
+        if n_blocks < world:
+            msg = (f"{world} processes need at least {world} blocks of cells to read, one each; "
+                   f"these {self.n_cells} cells fill {n_blocks} of block_rows={self.block_rows}."
+                   " Lower block_rows, or train with fewer processes.")
+            raise ValueError(msg)
+        if shuffle:
+            order = torch.randperm(n_blocks, generator=generator).numpy()
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            local = torch.Generator().manual_seed(seed + rank)
+        else:
+            order, local = np.arange(n_blocks), None
+        n_steps = len(shared_bounds(self.n_cells, batch_size, world)) - 1
+        per_block = np.diff(self._first)
+        cells = [int(per_block[order[r::world]].sum()) for r in range(world)]
+        sizes = np.array([even_split(c, n_steps) for c in cells])  # (world, steps)
+        starts = np.cumsum(sizes, axis=0) - sizes
+        totals = sizes.sum(axis=0)
+        for step, item in enumerate(self._serve(order[rank::world], sizes[rank], shuffle,
+                                                local, nonzero)):
+            yield (int(starts[rank, step]), int(totals[step])), *item
+
+    def _serve(self, blocks: np.ndarray, sizes: np.ndarray, shuffle: bool,
+               generator: torch.Generator | None, nonzero: bool
+               ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Minibatches of ``sizes`` cells from the served cells of ``blocks`` (positions in
+        ``self._blocks``, read in that order, ``buffer_blocks`` at a time)."""
+        groups = [blocks[i:i + self.buffer_blocks]
+                  for i in range(0, len(blocks), self.buffer_blocks)]
+        ends = np.cumsum(sizes)  # where each minibatch ends among the cells served
+        served = next_batch = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omicvae-read") as pool:
             submit = pool.submit if self.prefetch else _run_now
             pending = submit(self._read, groups[0])
@@ -183,36 +228,31 @@ class BlockStream:
                 if carry is not None:
                     counts = sp.vstack([carry[0], counts], format="csr")
                     codes = None if codes is None else np.concatenate([carry[1], codes])
-                last = i + 1 == len(groups)
                 m = counts.shape[0]
-                if shuffle:
-                    perm = torch.randperm(m, generator=generator)
-                else:
-                    perm = torch.arange(m)
-                if last:
-                    bounds = minibatch_bounds(m, batch_size)
-                    carry = None
-                else:  # full minibatches now; the rest waits for the next buffer
-                    n_full = m // batch_size * batch_size
-                    bounds = list(range(0, n_full + 1, batch_size))
-                    rest = perm[n_full:].numpy()
-                    carry = (counts[rest], None if codes is None else codes[rest])
-                    if n_full == 0:
-                        continue
+                perm = torch.randperm(m, generator=generator) if shuffle else torch.arange(m)
+                # the minibatches that end within this buffer; the rest waits for the next
+                last_batch = int(np.searchsorted(ends, served + m, side="right"))
+                bounds = [0, *(ends[next_batch:last_batch] - served).tolist()]
+                rest = perm[bounds[-1]:].numpy()
+                carry = (counts[rest], None if codes is None else codes[rest]) if len(rest) \
+                    else None
+                if last_batch == next_batch:
+                    continue
                 held = CountTensors(counts, codes, self.device)
                 order_dev = perm.to(self.device)
                 host = perm.numpy()
                 for lo, hi in itertools.pairwise(bounds):
                     idx = order_dev[lo:hi]
                     batch_codes = None if held.codes is None else held.codes[idx]
-                    served += hi - lo
                     if nonzero:
                         x, positions = held.rows(idx, host[lo:hi], nonzero=True)
                         yield x, batch_codes, positions
                     else:
                         yield held.rows(idx, host[lo:hi]), batch_codes
-        if served != self.n_cells:  # pragma: no cover - a bug, not a user error
-            msg = f"BlockStream served {served} cells, not {self.n_cells}"
+                served += bounds[-1]
+                next_batch = last_batch
+        if served != ends[-1] or carry is not None:  # pragma: no cover - a bug
+            msg = f"BlockStream served {served} cells, not {int(ends[-1])}"
             raise RuntimeError(msg)
 
 

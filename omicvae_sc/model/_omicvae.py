@@ -58,6 +58,7 @@ from omicvae_sc.model._scores import ANOMALY_DRAWS, ANOMALY_SAMPLES
 from omicvae_sc.model._training import TrainRequest, train_module
 from omicvae_sc.module import VAE
 from omicvae_sc.train import History, TrainingDiverged, default_max_epochs, steady_heap
+from omicvae_sc.train._distributed import DEFAULT_TIMEOUT
 
 
 class OmicVAE:
@@ -217,7 +218,8 @@ class OmicVAE:
         progress_bar: bool = True, checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10, resume: bool = False, precision: str = "auto",
         cuda_graphs: bool = False, block_rows: int = BLOCK_ROWS,
-        buffer_blocks: int = BUFFER_BLOCKS,
+        buffer_blocks: int = BUFFER_BLOCKS, distributed: bool | None = None,
+        sync_batchnorm: bool = True, dist_timeout: float = DEFAULT_TIMEOUT,
     ) -> History:
         """Fit by maximizing the ELBO with Adam; returns (and keeps) the per-epoch history.
 
@@ -279,6 +281,29 @@ class OmicVAE:
             model trains. Memory holds about two buffers. Larger buffers mix more of the file
             into each minibatch; their effect on quality and speed is measured in
             benchmarks/README.md ("Streaming from disk").
+        distributed
+            Train together with the other processes of a ``torchrun`` job (or any launcher
+            that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``): each
+            step is one step over ``batch_size`` cells of every process (``batch_size`` is
+            per process, as in PyTorch Lightning), gradients averaged with
+            ``DistributedDataParallel`` (NCCL between GPUs, gloo on the CPU). ``None`` (the
+            default): whenever the launcher started more than one process; ``False``: every
+            process trains its own model. Every process must load the same data and call
+            ``train`` with the same arguments (checked). Early stopping, the KL warm-up and
+            the non-finite-loss guard decide the same in every process; rank 0 writes the
+            checkpoint, which resumes on any number of processes. See the README,
+            "Several GPUs or machines".
+        sync_batchnorm
+            With several processes, BatchNorm normalises by the statistics of the whole
+            step's minibatch (summed over the processes, as one process would), so two
+            processes at ``batch_size`` train as one at twice that. ``False``: each process
+            normalises by its own cells and the running statistics are averaged every epoch
+            (less communication).
+        dist_timeout
+            With several processes, seconds a process may go silent (died, hung) before the
+            others stop with an error naming it (:class:`omicvae_sc.train.RankLost`; a process
+            stuck in a collective exits with status 75). Also the process group's timeout
+            when ``train`` sets it up.
 
         Returns
         -------
@@ -300,7 +325,8 @@ class OmicVAE:
             seed=self.hparams["seed"] if seed is None else seed, progress_bar=progress_bar,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
             precision=precision, cuda_graphs=cuda_graphs, block_rows=block_rows,
-            buffer_blocks=buffer_blocks)
+            buffer_blocks=buffer_blocks, distributed=distributed,
+            sync_batchnorm=sync_batchnorm, dist_timeout=dist_timeout)
         request.check(self.device)
         counts, codes = self._host_data(None)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -12,10 +13,17 @@ import torch
 logger = logging.getLogger("omicvae_sc")
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` means CUDA when present, else the CPU. A device this torch cannot use is a
+    """``"auto"`` means CUDA when present (under ``torchrun`` with several processes on a
+    machine, GPU ``LOCAL_RANK``), else the CPU. A device this torch cannot use is a
     ``ValueError`` that says what it has, before anything is built."""
     if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # one GPU per process when a launcher (torchrun) started several on this machine
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+            return torch.device("cuda", int(local) % torch.cuda.device_count())
+        return torch.device("cuda")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from omicvae_sc.data import BLOCK_ROWS, BUFFER_BLOCKS, RowReader, count_source
+from omicvae_sc.data import BLOCK_ROWS, BUFFER_BLOCKS, RankPart, RowReader, count_source
 from omicvae_sc.model._checks import check_count, validation_mask
 from omicvae_sc.model._runtime import resolve_precision, seeded
 from omicvae_sc.module import VAE
@@ -22,6 +22,7 @@ from omicvae_sc.train import (
     fit,
     read_checkpoint,
 )
+from omicvae_sc.train._distributed import DEFAULT_TIMEOUT, Team, from_environment
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TrainRequest:
     cuda_graphs: bool = False
     block_rows: int = BLOCK_ROWS
     buffer_blocks: int = BUFFER_BLOCKS
+    distributed: bool | None = None
+    sync_batchnorm: bool = True
+    dist_timeout: float = DEFAULT_TIMEOUT
 
     def check(self, device: torch.device) -> None:
         """Raise on arguments that cannot work, before anything is computed."""
@@ -58,10 +62,24 @@ class TrainRequest:
         if self.resume and self.checkpoint_dir is None:
             msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
             raise ValueError(msg)
+        if not self.dist_timeout > 0:
+            msg = f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}."
+            raise ValueError(msg)
         if self.cuda_graphs and device.type != "cuda":
             msg = (f"cuda_graphs=True needs a CUDA device; this model is on "
                    f"{device.type!r}. Leave cuda_graphs off on the CPU.")
             raise ValueError(msg)
+
+
+def training_team(request: TrainRequest, device: torch.device) -> Team | None:
+    """This process's team when it trains with others (``torchrun``), else ``None``."""
+    team = from_environment(device, distributed=request.distributed,
+                            timeout=request.dist_timeout, sync_batchnorm=request.sync_batchnorm)
+    if team is not None and request.cuda_graphs:
+        msg = ("cuda_graphs=True is for one process; with several (torchrun) leave it off: "
+               "gradients are exchanged between the kernels a graph would replay.")
+        raise ValueError(msg)
+    return team
 
 
 def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
@@ -69,8 +87,11 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
                  request: TrainRequest, *, hparams: dict, first_epoch: int) -> History:
     """Train ``module`` in place on the validated ``counts`` (in memory, or on disk behind a
     ``RowReader``) and ``codes``; the history of this call (``request`` checked by the
-    caller). Raises ``TrainingDiverged`` as :func:`omicvae_sc.train.fit` does."""
+    caller). Under ``torchrun`` every process calls this and they train together, each on
+    its part of every minibatch. Raises ``TrainingDiverged`` as
+    :func:`omicvae_sc.train.fit` does."""
     device = next(module.parameters()).device
+    team = training_team(request, device)
     n = counts.shape[0]
     max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
     held_out = validation_mask(n, request.validation_fraction, bool(request.early_stopping),
@@ -91,6 +112,11 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
     del held_out
     train_data = count_source(counts, codes, device, cells=train_cells, **stream)
     val_data = count_source(counts, codes, device, cells=val_cells, **stream) if n_val else None
+    if team is not None:
+        team.agree(cells=n, genes=counts.shape[1], validation_cells=n_val,
+                   seed=request.seed, epochs=max_epochs, batch_size=request.batch_size)
+        train_data = RankPart(train_data, team.rank, team.world)
+        val_data = None if val_data is None else RankPart(val_data, team.rank, team.world)
     plan = resume_from = None
     if request.checkpoint_dir is not None:
         run = {k: v for k, v in vars(config).items()  # how it runs, not what it computes
@@ -104,4 +130,4 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
     generator = torch.Generator().manual_seed(request.seed)
     with seeded(request.seed, device):
         return fit(module, train_data, val_data, config, generator=generator,
-                   first_epoch=first_epoch, checkpoint=plan, resume_from=resume_from)
+                   first_epoch=first_epoch, checkpoint=plan, resume_from=resume_from, team=team)

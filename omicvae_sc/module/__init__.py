@@ -6,7 +6,8 @@
 - :mod:`._nn`, :mod:`._vae`: the networks and the VAE (``inference``, ``generative``, ``loss``);
 - :mod:`._distributions`: the likelihoods as ``torch.distributions`` for draws;
 - :mod:`._refine`: per-cell refinement of the posterior;
-- :mod:`._memory`: the one memory policy for chunked passes.
+- :mod:`._memory`: the one memory policy for chunked passes;
+- :mod:`._parallel`: what a step shared by several processes changes (noise, BatchNorm).
 """
 
 from omicvae_sc.module._distributions import (
@@ -23,6 +24,7 @@ from omicvae_sc.module._objective import (
     elbo_terms,
     importance_weighted_log_likelihood,
 )
+from omicvae_sc.module._parallel import BatchNorm, shared_step
 from omicvae_sc.module._vae import (
     DISPERSIONS,
     LIKELIHOODS,
@@ -37,6 +39,7 @@ __all__ = [
     "DISPERSIONS",
     "LIKELIHOODS",
     "VAE",
+    "BatchNorm",
     "CellEvaluation",
     "CountParams",
     "ElboTerms",
@@ -53,4 +56,5 @@ __all__ = [
     "importance_weighted_log_likelihood",
     "log_prob",
     "make_count_distribution",
+    "shared_step",
 ]

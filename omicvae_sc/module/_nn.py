@@ -11,6 +11,8 @@ import itertools
 import torch
 from torch import nn
 
+from omicvae_sc.module._parallel import BatchNorm, rand_rows, shared_dropout_active
+
 
 def one_hot_covariates(
     codes: torch.Tensor | None, n_categories: tuple[int, ...]
@@ -61,7 +63,8 @@ class Linear(nn.Linear):
 class Dropout(nn.Module):
     """Dropout (inverted, as ``nn.Dropout``). On the CPU its mask is drawn by ``torch.rand``,
     half the time of the Bernoulli draws ``nn.Dropout`` makes there; elsewhere it is
-    ``nn.functional.dropout``, one fused kernel."""
+    ``nn.functional.dropout``, one fused kernel, except in a step shared by several processes,
+    where each takes its rows of one mask (:mod:`._parallel`)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -70,9 +73,9 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" and not shared_dropout_active():
             return nn.functional.dropout(x, self.p, training=True)
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p)  # 1.0 with probability 1 - p
+        keep = rand_rows(x.shape, device=x.device).ge_(self.p)  # 1.0 with probability 1 - p
         return x * keep.mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
@@ -93,7 +96,7 @@ class MLP(nn.Module):
             layers += [
                 Linear(d_in, d_out),
                 # momentum/eps as in scvi-tools so comparisons are like for like
-                nn.BatchNorm1d(d_out, momentum=0.01, eps=1e-3),
+                BatchNorm(d_out, momentum=0.01, eps=1e-3),
                 nn.ReLU(),
             ]
             if dropout > 0:

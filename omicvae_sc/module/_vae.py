@@ -26,6 +26,7 @@ from omicvae_sc.module._objective import (
     elbo_terms,
     importance_weighted_log_likelihood,
 )
+from omicvae_sc.module._parallel import randn_rows
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
@@ -237,7 +238,7 @@ class VAE(nn.Module):
         ``nonzero``: ``(rows, genes)`` of the non-zero counts of ``x``, when known.
         """
         posterior = self.inference(x, codes)
-        z = posterior.sample(torch.randn_like(posterior.mean))  # reparameterization trick
+        z = posterior.sample(randn_rows(posterior.mean))  # reparameterization trick
         terms = elbo_terms(self.log_px_z(x, z[None], codes, nonzero=nonzero), posterior)
         return LossOutput(loss=terms.loss(kl_weight), distortion=terms.distortion,
                           rate=terms.rate)

@@ -6,10 +6,12 @@ a validation split, and a per-epoch history. Losses are accumulated on the devic
 once per epoch, so there is no host synchronisation inside the step; a non-finite loss is caught
 on the device too (the optimizer skips every step from it on) and reported at the epoch's end.
 Ctrl-C ends training cleanly with what was learned so far; checkpoints let a run resume.
+With a :class:`~._distributed.Team`, several processes take each step together (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -18,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from omicvae_sc.module import VAE
+from omicvae_sc.module import VAE, LossOutput, shared_step
 from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
+from omicvae_sc.train._distributed import Team
 from omicvae_sc.train._graph import GraphedStep, batch_sums, cuda_capture
 from omicvae_sc.train._heap import steady_heap
 from omicvae_sc.train._history import History
@@ -140,9 +144,13 @@ def _epoch_sums(
     module: VAE, data: Minibatches, config: TrainConfig, *, train: bool,
     optimizer: torch.optim.Optimizer | None, step: int, total_steps: int,
     generator: torch.Generator, guard: _FiniteGuard | None = None,
-    graphed: GraphedStep | None = None,
+    graphed: GraphedStep | None = None, team: Team | None = None,
+    objective: nn.Module | None = None,
 ) -> tuple[torch.Tensor, int, float]:
     """One pass over ``data``; training steps of the captured size go through ``graphed``.
+    With ``team``, ``data`` is this process's part (``RankPart``), training steps go through
+    ``objective`` (the module in ``DistributedDataParallel``) and the sums are every
+    process's.
 
     Returns the sums of [distortion, rate] over cells, the step count and the last KL weight.
     """
@@ -164,13 +172,24 @@ def _epoch_sums(
             if train:
                 kl_weight = kl_weight_at(step, total_steps, config)
                 step += 1
-            if train and graphed is not None and graphed.takes(x):
+            if team is not None:
+                start, total = data.share
+                if train:
+                    out = team_step(objective, team, optimizer, guard, x, codes, kl_weight,
+                                    share=(start, total), nonzero=nz)
+                else:
+                    with shared_step(start, total, None):
+                        out = module.loss(x, codes, kl_weight=1.0, nonzero=nz)
+                step_sums = batch_sums(out)
+            elif train and graphed is not None and graphed.takes(x):
                 step_sums = graphed.step(x, codes, kl_weight)
             else:
                 out = (train_step(module, optimizer, guard, x, codes, kl_weight, nonzero=nz)
                        if train else module.loss(x, codes, kl_weight=1.0, nonzero=nz))
                 step_sums = batch_sums(out)
             sums = step_sums if sums is None else sums + step_sums
+    if team is not None:
+        team.sum_(sums)
     return sums, step, kl_weight
 
 
@@ -190,6 +209,44 @@ def train_step(module: VAE, optimizer: torch.optim.Optimizer, guard: _FiniteGuar
     return out
 
 
+class _Objective(nn.Module):
+    """The module's training loss as a forward pass, for ``DistributedDataParallel`` (which
+    averages the gradients of what its forward computed)."""
+
+    def __init__(self, module: VAE):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, codes, kl_weight, nonzero):
+        out = self.module.loss(x, codes, kl_weight=kl_weight, nonzero=nonzero)
+        return out.loss, out.distortion, out.rate
+
+
+def team_step(objective: nn.Module, team: Team, optimizer: torch.optim.Optimizer,
+              guard: _FiniteGuard, x: torch.Tensor, codes: torch.Tensor | None,
+              kl_weight: float, *, share: tuple[int, int], nonzero=None) -> LossOutput:
+    """One optimizer step of this process's rows ``start:start + len(x)`` of a minibatch of
+    ``total`` cells shared by ``team`` (``share = (start, total)``): the step of one process
+    on the whole minibatch.
+
+    Each process's mean loss is weighted by its share of the cells (times the number of
+    processes, which ``DistributedDataParallel``'s averaging divides out), so the averaged
+    gradient is that of the whole minibatch's mean loss. That loss itself is summed over the
+    processes, so the non-finite guard halts every process at the same step.
+    """
+    start, total = share
+    guard.before_forward()
+    with shared_step(start, total, team.batchnorm_group):
+        loss, distortion, rate = objective(x, codes, kl_weight, nonzero)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * (len(x) * team.world / total)).backward()
+    whole = team.sum_(loss.detach() * (len(x) / total))
+    guard.check(whole)
+    guard.record(whole)
+    optimizer.step()
+    return LossOutput(loss=whole, distortion=distortion, rate=rate)
+
+
 @dataclass(frozen=True)
 class _Run:
     """What stays fixed through one call of :func:`fit`: the model, data and optimizer."""
@@ -205,6 +262,8 @@ class _Run:
     first_epoch: int
     bar: tqdm
     graphed: GraphedStep | None = None
+    team: Team | None = None
+    objective: nn.Module | None = None  # the module in DistributedDataParallel, with a team
 
 
 @dataclass
@@ -253,6 +312,7 @@ def fit(
     module: VAE, train_data: Minibatches, validation_data: Minibatches | None,
     config: TrainConfig, *, generator: torch.Generator, first_epoch: int = 0,
     checkpoint: CheckpointPlan | None = None, resume_from: dict | None = None,
+    team: Team | None = None,
 ) -> History:
     """Train ``module`` in place and return its history.
 
@@ -261,7 +321,61 @@ def fit(
     ``checkpoint.every`` epochs; ``resume_from`` (a checkpoint read back) continues that run.
     Raises :class:`TrainingDiverged` on a non-finite loss, the weights left as they were
     before it. Ctrl-C ends training early (``History.interrupted``).
+
+    With ``team``, this process is one of several training together (``train_data`` and
+    ``validation_data`` are its parts, ``RankPart``): only rank 0 writes the checkpoint and
+    shows bars, and a peer that dies or hangs raises :class:`~._distributed.RankLost`.
     """
+    optimizer, guard, graphed = _stepper(module, config)
+    capturable = optimizer.param_groups[0]["capturable"]
+    steps_per_epoch = train_data.n_batches(config.batch_size)
+    total_steps = config.max_epochs * steps_per_epoch
+    progress = _Progress()
+    if resume_from is not None:
+        first_epoch = resume_from["first_epoch"]
+        progress = _resume(resume_from, module, optimizer, generator)
+        # checkpoints fall between epochs; a run resumed on another number of processes
+        # takes another number of steps an epoch, and the KL schedule follows the epochs
+        progress.step = progress.epoch * steps_per_epoch
+        for group in optimizer.param_groups:  # a checkpoint of the other mode says otherwise
+            group["capturable"] = capturable
+    leader = team is None or team.leader
+    show = config.progress_bar and leader
+    stopped_early = interrupted = False
+    bar = tqdm(range(progress.epoch, config.max_epochs), disable=not show,
+               desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
+    objective = None
+    if team is not None:  # Poisson has no dispersion: a parameter without a gradient
+        objective = team.wrap(_Objective(module), find_unused=module.likelihood == "poisson")
+    run = _Run(module, train_data, validation_data, config, optimizer, guard, generator,
+               total_steps, first_epoch, bar, graphed, team, objective)
+    watch = contextlib.nullcontext() if team is None else team.watch(
+        None if checkpoint is None else checkpoint.directory)
+    try:
+        with steady_heap(), watch:  # freed step memory stays for the next step (_heap.py)
+            for epoch in bar:
+                stopped_early = _run_epoch(run, progress, epoch)
+                if checkpoint is not None and leader and (epoch + 1) % checkpoint.every == 0:
+                    write_checkpoint(checkpoint.directory, _checkpoint_state(
+                        progress, module, optimizer, generator, checkpoint, first_epoch))
+                if stopped_early:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True  # keep what was learned; the caller says so
+    finally:
+        bar.close()
+        del run, objective  # the DistributedDataParallel hooks go with it
+    if show and not interrupted:  # a frozen "163/400" looks like a crash
+        tqdm.write(_ending(progress, config, stopped_early), file=sys.stderr)  # with the bar
+    if progress.best_state is not None:
+        module.load_state_dict(progress.best_state)
+    module.eval()
+    return progress.history(first_epoch, stopped_early=stopped_early, interrupted=interrupted)
+
+
+def _stepper(module: VAE, config: TrainConfig
+             ) -> tuple[torch.optim.Optimizer, _FiniteGuard, GraphedStep | None]:
+    """The optimizer, its non-finite guard and, with ``cuda_graphs``, the captured step."""
     # fused: one kernel for all parameters instead of a dozen small ops per tensor
     capturable = config.cuda_graphs and next(module.parameters()).device.type == "cuda"
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=0.01,
@@ -277,37 +391,7 @@ def fit(
             lambda x, codes, kl, record: train_step(module, optimizer, guard, x, codes, kl,
                                                     record),
             guard, config.batch_size, capture=cuda_capture)
-    total_steps = config.max_epochs * train_data.n_batches(config.batch_size)
-    progress = _Progress()
-    if resume_from is not None:
-        first_epoch = resume_from["first_epoch"]
-        progress = _resume(resume_from, module, optimizer, generator)
-        for group in optimizer.param_groups:  # a checkpoint of the other mode says otherwise
-            group["capturable"] = capturable
-    stopped_early = interrupted = False
-    bar = tqdm(range(progress.epoch, config.max_epochs), disable=not config.progress_bar,
-               desc="training", unit="epoch", initial=progress.epoch, total=config.max_epochs)
-    run = _Run(module, train_data, validation_data, config, optimizer, guard, generator,
-               total_steps, first_epoch, bar, graphed)
-    try:
-        with steady_heap():  # freed step memory stays for the next step (train/_heap.py)
-            for epoch in bar:
-                stopped_early = _run_epoch(run, progress, epoch)
-                if checkpoint is not None and (epoch + 1) % checkpoint.every == 0:
-                    write_checkpoint(checkpoint.directory, _checkpoint_state(
-                        progress, module, optimizer, generator, checkpoint, first_epoch))
-                if stopped_early:
-                    break
-    except KeyboardInterrupt:
-        interrupted = True  # keep what was learned; the caller says so
-    finally:
-        bar.close()
-    if config.progress_bar and not interrupted:  # a frozen "163/400" looks like a crash
-        tqdm.write(_ending(progress, config, stopped_early), file=sys.stderr)  # with the bar
-    if progress.best_state is not None:
-        module.load_state_dict(progress.best_state)
-    module.eval()
-    return progress.history(first_epoch, stopped_early=stopped_early, interrupted=interrupted)
+    return optimizer, guard, graphed
 
 
 def _ending(progress: _Progress, config: TrainConfig, stopped_early: bool) -> str:
@@ -331,7 +415,7 @@ def _run_epoch(run: _Run, progress: _Progress, epoch: int) -> bool:
     sums, step, kl_weight = _epoch_sums(
         module, run.train_data, config, train=True, optimizer=run.optimizer,
         step=progress.step, total_steps=run.total_steps, generator=run.generator,
-        guard=run.guard, graphed=run.graphed)
+        guard=run.guard, graphed=run.graphed, team=run.team, objective=run.objective)
     bad = run.guard.first_bad_step()
     if bad is not None:
         module.eval()
@@ -342,11 +426,13 @@ def _run_epoch(run: _Run, progress: _Progress, epoch: int) -> bool:
         raise TrainingDiverged(msg, progress.history(run.first_epoch))
     progress.step = step
     distortion, rate = (sums / run.train_data.n_cells).tolist()  # one host sync per epoch
+    if run.team is not None and not run.team.sync_batchnorm:
+        run.team.average_buffers(module)  # per-process BatchNorm statistics: their mean
     val = (float("nan"),) * 2
     if run.validation_data is not None:
         vsums, _, _ = _epoch_sums(module, run.validation_data, config, train=False,
                                   optimizer=None, step=step, total_steps=run.total_steps,
-                                  generator=run.generator)
+                                  generator=run.generator, team=run.team)
         val = tuple((vsums / run.validation_data.n_cells).tolist())
     _append(progress.rows, run.first_epoch + epoch, distortion, rate, val, kl_weight,
             time.perf_counter() - t0)

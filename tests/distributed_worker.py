@@ -1,0 +1,81 @@
+"""A user's training script, run by the distributed tests under ``torchrun`` (several processes)
+and with ``python`` (one): it builds or reads the data, trains, and writes what it learned.
+
+Each process writes ``<out>/rank<R>.npz`` (history, weights, latent, log p(x) of held-out
+cells) and, at start, ``<out>/pid<R>.txt`` (its process id, for the fault tests). Not a test
+module: pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import omicvae_sc as ov
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cells", type=int, default=600)
+    p.add_argument("--genes", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--likelihood", default="zinb")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--no-sync-batchnorm", action="store_true")
+    p.add_argument("--h5ad", type=Path, help="train on this file, opened backed='r'")
+    p.add_argument("--block-rows", type=int, default=1024)
+    p.add_argument("--checkpoint-dir", type=Path)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--held-out", type=Path, help="h5ad of cells to score log p(x) on")
+    p.add_argument("--batch-key")
+    p.add_argument("--layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells-plus-rank", action="store_true",
+                   help="give each process other data (rank R: R more cells), a user's error")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = _args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"pid{rank}.txt").write_text(str(os.getpid()))
+    if args.h5ad is not None:
+        import anndata as ad
+
+        adata = ad.read_h5ad(args.h5ad, backed="r")
+    else:
+        n = args.cells + (rank if args.cells_plus_rank else 0)
+        adata = ov.datasets.synthetic_counts(n, args.genes, seed=1)
+    ov.OmicVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
+    model = ov.OmicVAE(adata, likelihood=args.likelihood, seed=args.seed, device="cpu")
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, precision="float32",
+                validation_fraction=args.validation_fraction,
+                early_stopping=args.early_stopping, progress_bar=False,
+                sync_batchnorm=not args.no_sync_batchnorm, dist_timeout=args.timeout,
+                checkpoint_dir=args.checkpoint_dir, checkpoint_every=1, resume=args.resume,
+                block_rows=args.block_rows)
+    result = {f"w.{k}": v.numpy() for k, v in model.module.state_dict().items()}
+    result |= {f"h.{k}": np.asarray(v, dtype=float)
+               for k, v in model.history.to_dict().items() if isinstance(v, np.ndarray)}
+    result["latent"] = model.get_latent_representation()
+    result["threads"] = np.asarray(torch.get_num_threads())
+    if args.held_out is not None:
+        import anndata as ad
+
+        held = ad.read_h5ad(args.held_out)
+        result["held_out_log_px"] = model.get_marginal_ll(held, n_samples=100)
+    np.savez(args.out / f"rank{rank}.npz", **result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

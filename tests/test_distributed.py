@@ -1,0 +1,189 @@
+"""Training on several processes: real ``torchrun`` launches of two CPU processes (gloo), each
+running ``tests/distributed_worker.py`` as a user's script would, against one process.
+
+What must hold: two processes at batch B take the steps of one at 2B (same seed, float
+tolerance), whether the model is in memory or streamed from disk they agree on every weight,
+each reads disjoint cells, and every wrong set-up is a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import omicvae_sc as ov
+from omicvae_sc.data import BlockStream, CountTensors, RankPart, RowReader
+from omicvae_sc.data._loader import shared_bounds
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2, timeout: float = 300
+             ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(WORKER), "--out", str(out), *args]
+    return subprocess.run(cmd, env=worker_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def alone(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(WORKER), "--out", str(out), *args]
+    return subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
+
+
+def ok(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def weights(npz) -> dict[str, np.ndarray]:
+    return {k: npz[k] for k in npz.files if k.startswith("w.")}
+
+
+@pytest.mark.parametrize("args", [
+    # dropout, a validation split with early stopping, minibatches of 2 x 64 = 128
+    ("--cells", "600", "--early-stopping"),
+    # Poisson has a parameter without gradient (no dispersion); 550 training cells leave a
+    # last step of 38 cells, 19 a process
+    ("--cells", "611", "--likelihood", "poisson"),
+], ids=["zinb", "poisson-uneven-tail"])
+def test_two_processes_at_batch_b_take_the_steps_of_one_at_2b(tmp_path, args):
+    ok(torchrun(tmp_path / "two", *args, "--batch-size", "64"))
+    ok(alone(tmp_path / "one", *args, "--batch-size", "128"))
+    r0, r1 = (np.load(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1))
+    one = np.load(tmp_path / "one" / "rank0.npz")
+    w0, w1, w = weights(r0), weights(r1), weights(one)
+    for name in w:
+        np.testing.assert_array_equal(w0[name], w1[name], err_msg=name)  # ranks agree exactly
+        np.testing.assert_allclose(w0[name], w[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    for key in ("h.train_elbo", "h.validation_elbo"):
+        np.testing.assert_allclose(r0[key], one[key], rtol=1e-6)
+    assert len(one["h.train_elbo"]) == 3
+    np.testing.assert_allclose(r0["latent"], one["latent"], atol=1e-4)
+
+
+def test_per_process_batchnorm_is_a_choice_that_changes_the_steps(tmp_path):
+    """sync_batchnorm=False: each process normalises by its own cells (so the steps are not
+    one process's at 2B) and the running statistics are averaged: the ranks still agree."""
+    ok(torchrun(tmp_path / "two", "--batch-size", "64", "--no-sync-batchnorm"))
+    ok(alone(tmp_path / "one", "--batch-size", "128"))
+    r0, r1 = (np.load(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1))
+    one = np.load(tmp_path / "one" / "rank0.npz")
+    for name, value in weights(r0).items():
+        np.testing.assert_array_equal(value, r1[name], err_msg=name)
+    differ = np.abs(r0["w.encoder.body.net.0.weight"] - one["w.encoder.body.net.0.weight"])
+    assert differ.max() > 1e-4
+    # the same model all the same: the ELBOs are close
+    np.testing.assert_allclose(r0["h.train_elbo"], one["h.train_elbo"], rtol=0.01)
+
+
+def test_two_processes_stream_one_file_and_agree(tmp_path):
+    path = tmp_path / "cells.h5ad"
+    ov.datasets.synthetic_counts(3000, 60, seed=1).write_h5ad(path)
+    args = ("--h5ad", str(path), "--block-rows", "256", "--epochs", "4")
+    ok(torchrun(tmp_path / "two", *args, "--batch-size", "64"))
+    ok(alone(tmp_path / "one", *args, "--batch-size", "128"))
+    r0, r1 = (np.load(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1))
+    one = np.load(tmp_path / "one" / "rank0.npz")
+    for name, value in weights(r0).items():
+        np.testing.assert_array_equal(value, r1[name], err_msg=name)
+    # other cells in each step than one process's, the same learning: within 1 nat a cell
+    assert abs(r0["h.validation_elbo"][-1] - one["h.validation_elbo"][-1]) < 1.0
+    assert r0["h.validation_elbo"][-1] > r0["h.validation_elbo"][0] + 10
+
+
+def _served(source, batch_size, rank, world, **kwargs):
+    """Cell ids (their covariate 'code') and shares of each step of one process."""
+    steps = []
+    for share, _x, codes in source.part_batches(batch_size, rank=rank, world=world, **kwargs):
+        steps.append((share, codes[:, 0].numpy().copy()))
+    return steps
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_each_process_reads_disjoint_cells_every_cell_once_in_equal_steps(tmp_path, where):
+    adata = ov.datasets.synthetic_counts(1000, 20, seed=3)
+    ids = np.arange(adata.n_obs)[:, None]
+    if where == "memory":
+        source = CountTensors(adata.X, ids)
+    else:
+        adata.write_h5ad(tmp_path / "a.h5ad")
+        disk = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+        reader = RowReader(disk.X, "adata.X", disk.obs_names)
+        source = BlockStream(reader, ids, block_rows=100, buffer_blocks=2,
+                             cells=np.arange(1000) % 7 != 0)  # a training split
+    world, gen_seed = 3, 5
+    parts = [_served(source, 32, r, world, shuffle=True,
+                     generator=torch.Generator().manual_seed(gen_seed)) for r in range(world)]
+    n_steps = len(shared_bounds(source.n_cells, 32, world)) - 1
+    assert [len(p) for p in parts] == [n_steps] * world  # nobody waits at an uneven tail
+    cells = np.concatenate([c for p in parts for _, c in p])
+    assert len(cells) == source.n_cells == len(np.unique(cells))  # disjoint, complete
+    for step in range(n_steps):
+        shares = [parts[r][step][0] for r in range(world)]
+        sizes = [len(parts[r][step][1]) for r in range(world)]
+        assert all(s >= 2 for s in sizes)
+        assert [s[0] for s in shares] == list(np.cumsum([0, *sizes[:-1]]))
+        assert {s[1] for s in shares} == {sum(sizes)}
+    if where == "memory":  # the steps are exactly one process's minibatches at 3 x 32
+        whole = [codes[:, 0].numpy() for _, codes in source.batches(
+            96, shuffle=True, generator=torch.Generator().manual_seed(gen_seed))]
+        joined = [np.concatenate([parts[r][s][1] for r in range(world)])
+                  for s in range(n_steps)]
+        assert all(np.array_equal(a, b) for a, b in zip(whole, joined, strict=True))
+    else:  # blocks are not split between processes
+        blocks = [{int(cell) // 100 for _, cells in parts[r] for cell in cells}
+                  for r in range(world)]
+        assert not (blocks[0] & blocks[1]) and not (blocks[1] & blocks[2])
+
+
+def test_too_few_cells_or_blocks_for_the_processes_are_errors(tmp_path):
+    adata = ov.datasets.synthetic_counts(5, 10, seed=0)
+    with pytest.raises(ValueError, match="3 processes need at least 6 cells"):
+        RankPart(CountTensors(adata.X, None), 0, 3)
+    big = ov.datasets.synthetic_counts(300, 10, seed=0)
+    big.write_h5ad(tmp_path / "b.h5ad")
+    disk = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    stream = BlockStream(RowReader(disk.X, "adata.X", disk.obs_names), None, block_rows=200)
+    with pytest.raises(ValueError, match=r"3 processes need at least 3 blocks.*fill 2 of "
+                                         r"block_rows=200"):
+        next(RankPart(stream, 0, 3).batches(16, shuffle=True))
+
+
+def test_distributed_true_outside_a_launcher_is_an_error(adata_fingerprint):
+    adata = ov.datasets.synthetic_counts(100, 20, seed=0)
+    ov.OmicVAE.setup_anndata(adata)
+    model = ov.OmicVAE(adata, device="cpu")
+    before = adata_fingerprint(adata)
+    with pytest.raises(ValueError, match="not started by torchrun"):
+        model.train(max_epochs=1, distributed=True, progress_bar=False)
+    with pytest.raises(ValueError, match="dist_timeout must be a positive"):
+        model.train(max_epochs=1, dist_timeout=0, progress_bar=False)
+    assert adata_fingerprint(adata) == before
+    assert not model.is_trained
+
+
+def test_processes_given_different_data_stop_with_an_error_naming_it(tmp_path):
+    run = torchrun(tmp_path / "out", "--cells-plus-rank")
+    assert run.returncode != 0
+    assert "do not agree on cells (rank 0: 600, rank 1: 601)" in run.stderr
