@@ -2,7 +2,8 @@
 and with ``python`` (one): it builds or reads the data, trains, and writes what it learned.
 
 Each process writes ``<out>/rank<R>.npz`` (history, weights, latent, log p(x) of held-out
-cells) and, at start, ``<out>/pid<R>.txt`` (its process id, for the fault tests). Not a test
+cells) and, at start, ``<out>/pid<R>-<restart>.txt`` (its process id, for the fault tests;
+``restart`` counts torchrun's restarts). Not a test
 module: pytest does not collect it.
 """
 
@@ -33,12 +34,15 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--h5ad", type=Path, help="train on this file, opened backed='r'")
     p.add_argument("--block-rows", type=int, default=1024)
     p.add_argument("--checkpoint-dir", type=Path)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the checkpoint; --resume auto: when there is one")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--held-out", type=Path, help="h5ad of cells to score log p(x) on")
     p.add_argument("--batch-key")
     p.add_argument("--layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nan-at-step", type=int, help="make this training step's loss NaN...")
+    p.add_argument("--nan-rank", type=int, default=1, help="...on this process only")
     p.add_argument("--cells-plus-rank", action="store_true",
                    help="give each process other data (rank R: R more cells), a user's error")
     return p.parse_args(argv)
@@ -47,8 +51,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = _args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"pid{rank}.txt").write_text(str(os.getpid()))
+    (args.out / f"pid{rank}-{restart}.txt").write_text(str(os.getpid()))
     if args.h5ad is not None:
         import anndata as ad
 
@@ -58,13 +63,20 @@ def main(argv: list[str]) -> None:
         adata = ov.datasets.synthetic_counts(n, args.genes, seed=1)
     ov.OmicVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
     model = ov.OmicVAE(adata, likelihood=args.likelihood, seed=args.seed, device="cpu")
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, precision="float32",
-                validation_fraction=args.validation_fraction,
-                early_stopping=args.early_stopping, progress_bar=False,
-                sync_batchnorm=not args.no_sync_batchnorm, dist_timeout=args.timeout,
-                checkpoint_dir=args.checkpoint_dir, checkpoint_every=1, resume=args.resume,
-                block_rows=args.block_rows)
-    result = {f"w.{k}": v.numpy() for k, v in model.module.state_dict().items()}
+    result = {}
+    before = {} if args.nan_at_step is None else _nan_at(model, args.nan_at_step,
+                                                          args.nan_rank == rank)
+    try:
+        model.train(max_epochs=args.epochs, batch_size=args.batch_size, precision="float32",
+                    validation_fraction=args.validation_fraction,
+                    early_stopping=args.early_stopping, progress_bar=False,
+                    sync_batchnorm=not args.no_sync_batchnorm, dist_timeout=args.timeout,
+                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=1,
+                    resume=args.resume, block_rows=args.block_rows)
+    except ov.train.TrainingDiverged as err:
+        result["diverged"] = np.asarray(str(err))
+    result |= before
+    result |= {f"w.{k}": v.numpy() for k, v in model.module.state_dict().items()}
     result |= {f"h.{k}": np.asarray(v, dtype=float)
                for k, v in model.history.to_dict().items() if isinstance(v, np.ndarray)}
     result["latent"] = model.get_latent_representation()
@@ -75,6 +87,28 @@ def main(argv: list[str]) -> None:
         held = ad.read_h5ad(args.held_out)
         result["held_out_log_px"] = model.get_marginal_ll(held, n_samples=100)
     np.savez(args.out / f"rank{rank}.npz", **result)
+
+
+def _nan_at(model, step: int, here: bool) -> dict:
+    """From training step ``step`` (0-based) on, this process's loss is NaN when ``here``;
+    the returned dict receives every process's weights as they were before that step."""
+    before, calls, loss = {}, [0], model.module.loss
+
+    def faulty(*args, **kwargs):
+        if not model.module.training:
+            return loss(*args, **kwargs)
+        if calls[0] == step:
+            before.update({f"before.{k}": v.numpy().copy()
+                           for k, v in model.module.state_dict().items()})
+        out = loss(*args, **kwargs)
+        calls[0] += 1
+        if here and calls[0] > step:
+            out = type(out)(loss=out.loss * float("nan"), distortion=out.distortion,
+                            rate=out.rate)
+        return out
+
+    model.module.loss = faulty
+    return before
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ each reads disjoint cells, and every wrong set-up is a clear error.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -187,3 +189,116 @@ def test_processes_given_different_data_stop_with_an_error_naming_it(tmp_path):
     run = torchrun(tmp_path / "out", "--cells-plus-rank")
     assert run.returncode != 0
     assert "do not agree on cells (rank 0: 600, rank 1: 601)" in run.stderr
+
+
+# ---------------------------------------------------------------------------- faults
+def launch(out: Path, *args: str, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` processes started as a launcher without torchrun would (srun, a script):
+    rank 0 holds the key-value store."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = worker_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                              "RANK": str(rank), "LOCAL_RANK": str(rank),
+                              "WORLD_SIZE": str(world)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "--out", str(out), *args], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], limit: float = 120) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), "a process ended before the checkpoint"
+        assert time.monotonic() - start < limit, f"no {path} after {limit} s"
+        time.sleep(0.05)
+
+
+FAULT_RUN = ("--cells", "12000", "--epochs", "4", "--timeout", "8")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_process_stops_the_other_with_an_error_naming_it(tmp_path, sig):
+    """Killed mid-epoch, the peer's collective fails and the survivor names the lost rank
+    (RankLost); stopped (hung), the survivor's heartbeat watch ends it within the timeout."""
+    procs = launch(tmp_path / "out", *FAULT_RUN, "--checkpoint-dir", str(tmp_path / "ck"))
+    try:
+        wait_for(tmp_path / "ck" / "checkpoint.pt", procs)
+        time.sleep(0.3)  # into the next epoch
+        os.kill(procs[1].pid, sig)
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == (75 if sig == signal.SIGSTOP else 1), err[-2000:]
+    assert "stopped on rank 0 of 2: rank 1 stopped responding" in err
+    assert f"The last checkpoint in {tmp_path / 'ck'} is intact" in err
+    assert took < 8 + 6  # the timeout, two heartbeats and some slack
+    assert not (tmp_path / "out" / "rank0.npz").exists()
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_to_the_same_end(tmp_path):
+    ck = ("--checkpoint-dir", str(tmp_path / "ck"))
+    procs = launch(tmp_path / "cut", *FAULT_RUN, *ck)
+    try:
+        wait_for(tmp_path / "ck" / "checkpoint.pt", procs)
+        time.sleep(0.3)
+        procs[1].kill()
+        procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode != 0
+    resumed = launch(tmp_path / "resumed", *FAULT_RUN, *ck, "--resume")
+    whole = launch(tmp_path / "whole", *FAULT_RUN, "--checkpoint-dir", str(tmp_path / "ck2"))
+    for p in resumed + whole:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    a, b = np.load(tmp_path / "resumed" / "rank0.npz"), np.load(tmp_path / "whole" / "rank0.npz")
+    assert len(a["h.train_elbo"]) == 4
+    for name, value in weights(a).items():
+        np.testing.assert_allclose(value, b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_torchrun_restarts_a_failed_job_and_it_resumes_by_itself(tmp_path):
+    """`torchrun --max-restarts=1` with train(resume="auto"): a killed process makes torchrun
+    stop and restart both, and the restarted job continues from the checkpoint."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    # one store for both attempts: the restarted processes must not meet at the addresses
+    # the failed attempt left in it (train sets up its process group per attempt)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--max-restarts=1", f"--master_port={free_port()}", str(WORKER), "--out", str(out),
+           *FAULT_RUN, "--checkpoint-dir", str(ck), "--resume", "auto"]
+    job = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ck / "checkpoint.pt", [job])
+        time.sleep(0.3)
+        os.kill(int((out / "pid1-0.txt").read_text()), signal.SIGKILL)
+        _, err = job.communicate(timeout=300)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 0, err[-3000:]
+    assert (out / "pid1-1.txt").exists()  # a second attempt ran
+    assert len(np.load(out / "rank0.npz")["h.train_elbo"]) == 4
+
+
+def test_a_non_finite_loss_on_one_process_rolls_every_process_back_together(tmp_path):
+    """Rank 1's loss becomes NaN at step 7 (epoch 1, step 2 of 5): both processes stop with
+    the same error and keep the weights from before that step."""
+    ok(torchrun(tmp_path / "out", "--cells", "600", "--validation-fraction", "0",
+                "--nan-at-step", "7", "--nan-rank", "1"))
+    r0, r1 = (np.load(tmp_path / "out" / f"rank{r}.npz") for r in (0, 1))
+    assert str(r0["diverged"]) == str(r1["diverged"])
+    assert "loss became nan at epoch 1, step 2 of that epoch" in str(r0["diverged"])
+    for r in (r0, r1):
+        for name, value in weights(r).items():
+            np.testing.assert_array_equal(value, r[f"before.{name[2:]}"], err_msg=name)
+    for name, value in weights(r0).items():
+        np.testing.assert_array_equal(value, r1[name], err_msg=name)

@@ -216,7 +216,7 @@ class OmicVAE:
         beta: float = 1.0, warmup_fraction: float = 0.25, validation_fraction: float = 0.1,
         early_stopping: bool | None = None, patience: int = 25, seed: int | None = None,
         progress_bar: bool = True, checkpoint_dir: str | Path | None = None,
-        checkpoint_every: int = 10, resume: bool = False, precision: str = "auto",
+        checkpoint_every: int = 10, resume: bool | str = False, precision: str = "auto",
         cuda_graphs: bool = False, block_rows: int = BLOCK_ROWS,
         buffer_blocks: int = BUFFER_BLOCKS, distributed: bool | None = None,
         sync_batchnorm: bool = True, dist_timeout: float = DEFAULT_TIMEOUT,
@@ -258,7 +258,9 @@ class OmicVAE:
         resume
             Continue the run checkpointed in ``checkpoint_dir`` (same settings, data and seed;
             on the CPU the result is bitwise that of an uninterrupted run). Build the model as
-            before (same ``seed``) and call ``train`` with the same arguments.
+            before (same ``seed``) and call ``train`` with the same arguments. ``"auto"``:
+            continue when ``checkpoint_dir`` holds a checkpoint, else start (one script for
+            the first start and for restarts, e.g. ``torchrun --max-restarts=3``).
         precision
             Number format of the gene-sized matrix products in the training steps (the
             encoder's first layer and the decoder's output heads): ``"float32"``,

@@ -22,6 +22,7 @@ from omicvae_sc.train import (
     fit,
     read_checkpoint,
 )
+from omicvae_sc.train._checkpoint import CHECKPOINT_FILE
 from omicvae_sc.train._distributed import DEFAULT_TIMEOUT, Team, from_environment
 
 
@@ -41,7 +42,7 @@ class TrainRequest:
     progress_bar: bool = True
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 10
-    resume: bool = False
+    resume: bool | str = False
     precision: str = "auto"
     cuda_graphs: bool = False
     block_rows: int = BLOCK_ROWS
@@ -59,8 +60,12 @@ class TrainRequest:
         check_count("checkpoint_every", self.checkpoint_every)
         check_count("block_rows", self.block_rows)
         check_count("buffer_blocks", self.buffer_blocks)
+        if self.resume not in (True, False, "auto"):
+            msg = f"resume must be True, False or 'auto', got {self.resume!r}."
+            raise ValueError(msg)
         if self.resume and self.checkpoint_dir is None:
-            msg = "resume=True needs checkpoint_dir=, the folder holding the checkpoint."
+            msg = (f"resume={self.resume!r} needs checkpoint_dir=, the folder holding the "
+                   "checkpoint.")
             raise ValueError(msg)
         if not self.dist_timeout > 0:
             msg = f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}."
@@ -126,7 +131,9 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
         if on_disk:  # the order cells are read in is part of what a run computes
             run |= {"stream": stream}
         plan = CheckpointPlan(Path(request.checkpoint_dir), request.checkpoint_every, run)
-        resume_from = read_checkpoint(plan.directory, run) if request.resume else None
+        found = (plan.directory / CHECKPOINT_FILE).is_file()
+        if request.resume is True or (request.resume == "auto" and found):
+            resume_from = read_checkpoint(plan.directory, run)
     generator = torch.Generator().manual_seed(request.seed)
     with seeded(request.seed, device):
         return fit(module, train_data, val_data, config, generator=generator,

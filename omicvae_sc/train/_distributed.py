@@ -95,7 +95,13 @@ def _init_process_group(device: torch.device, timeout: float) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"  # small CPU tensors can still be reduced
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    # the job's store (torchrun's agent, or rank 0's), under a name per torchrun attempt:
+    # restarted processes otherwise meet at the addresses the failed attempt left there
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"omicvae_sc/attempt{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
     atexit.register(_close)
 
 
