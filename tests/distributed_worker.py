@@ -41,6 +41,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-key")
     p.add_argument("--layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tl", action="store_true",
+                   help="run ov.tl.omicvae (fit, results, a saved model) instead of train")
     p.add_argument("--nan-at-step", type=int, help="make this training step's loss NaN...")
     p.add_argument("--nan-rank", type=int, default=1, help="...on this process only")
     p.add_argument("--cells-plus-rank", action="store_true",
@@ -61,6 +63,9 @@ def main(argv: list[str]) -> None:
     else:
         n = args.cells + (rank if args.cells_plus_rank else 0)
         adata = ov.datasets.synthetic_counts(n, args.genes, seed=1)
+    if args.tl:
+        _tl(adata, args, rank)
+        return
     ov.OmicVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
     model = ov.OmicVAE(adata, likelihood=args.likelihood, seed=args.seed, device="cpu")
     result = {}
@@ -87,6 +92,16 @@ def main(argv: list[str]) -> None:
         held = ad.read_h5ad(args.held_out)
         result["held_out_log_px"] = model.get_marginal_ll(held, n_samples=100)
     np.savez(args.out / f"rank{rank}.npz", **result)
+
+
+def _tl(adata, args: argparse.Namespace, rank: int) -> None:
+    """The one-call path: fit, every result, a saved model (rank 0 writes it)."""
+    ov.tl.omicvae(adata, max_epochs=args.epochs, device="cpu", progress_bar=False,
+                  batch_key=args.batch_key, save_model=args.out / "model",
+                  train_kwargs={"batch_size": args.batch_size, "precision": "float32",
+                                "dist_timeout": args.timeout})
+    np.savez(args.out / f"rank{rank}.npz", latent=adata.obsm["X_omicvae"],
+             **{c: adata.obs[c].to_numpy() for c in adata.obs if c.startswith("omicvae_")})
 
 
 def _nan_at(model, step: int, here: bool) -> dict:

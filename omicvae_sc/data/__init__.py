@@ -5,6 +5,7 @@ from omicvae_sc.data._disk import (
     check_new_output,
     holds_disk_arrays,
     is_on_disk,
+    open_dense,
     read_lazy,
     write_dense,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "is_on_disk",
     "library_sizes",
     "obs_key",
+    "open_dense",
     "output_keys",
     "read_lazy",
     "read_setup",

@@ -310,6 +310,13 @@ def check_new_output(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def open_dense(path: str | os.PathLike):
+    """The array :func:`write_dense` wrote to ``path``, opened read-only."""
+    import zarr
+
+    return zarr.open_array(str(path), mode="r")
+
+
 def write_dense(path: str | os.PathLike, shape: tuple[int, int],
                 chunks: Iterable[np.ndarray], *, what: str = "out"):
     """Write the rows ``chunks`` yields, in order, as a float32 ``shape`` array into a new
@@ -346,4 +353,4 @@ def write_dense(path: str | os.PathLike, shape: tuple[int, int],
                    "choose another folder.")
             raise OSError(err.errno, msg) from err
         raise
-    return zarr.open_array(str(path), mode="r")
+    return open_dense(path)

@@ -7,6 +7,7 @@ dense copy is kept only for small data, so host memory stays near the size of th
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Iterator
 
@@ -69,6 +70,19 @@ class CountTensors:
             if cells is not None:
                 self._cells_host = np.asarray(cells, dtype=np.int64)
                 self._cells = torch.as_tensor(self._cells_host, device=self.device)
+
+    def part(self, lo: int, hi: int) -> CountTensors:
+        """The served cells ``lo:hi`` (in order) as a holder of their own, sharing memory."""
+        new = copy.copy(self)
+        new.n_cells = hi - lo
+        new.codes = None if self.codes is None else self.codes[lo:hi]
+        if self.dense is not None:
+            new.dense, new._csr = self.dense[lo:hi], None  # positions rebuilt when asked
+        else:
+            cells = self._cells_host if self._cells is not None else np.arange(self.n_cells)
+            new._cells_host = cells[lo:hi]
+            new._cells = torch.as_tensor(new._cells_host, device=self.device)
+        return new
 
     def rows(self, idx: torch.Tensor, idx_host: np.ndarray | None = None, *,
              nonzero: bool = False

@@ -113,6 +113,12 @@ class BlockStream:
         codes = self._codes_all if self._mask is None else self._codes_all[self._mask]
         return torch.as_tensor(codes, device=self.device)
 
+    def part(self, lo: int, hi: int) -> BlockStream:
+        """The served cells ``lo:hi`` (in order) as a stream of their own."""
+        rows = np.arange(lo, hi) if self._mask is None else np.flatnonzero(self._mask)[lo:hi]
+        return BlockStream(self.reader, self._codes_all, self.device, cells=rows,
+                           block_rows=self.block_rows, buffer_blocks=self.buffer_blocks)
+
     def n_batches(self, batch_size: int) -> int:
         """Number of minibatches :meth:`batches` yields for ``batch_size``."""
         return len(minibatch_bounds(self.n_cells, batch_size)) - 1

@@ -63,8 +63,11 @@ def check_key_added(key_added: str) -> None:
         raise ValueError(msg)
 
 
-def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[str, list[str]]:
-    """Validate shapes, then write ``results`` into ``adata`` and log the keys added."""
+def write_results(adata: AnnData, results: Results, *, key_added: str,
+                  to_file: bool = True) -> dict[str, list[str]]:
+    """Validate shapes, then write ``results`` into ``adata`` and log the keys added; into
+    its file too when it was opened with ``backed="r+"``, unless ``to_file`` is False (the
+    processes of a distributed job other than rank 0)."""
     n = adata.n_obs
     bad = [name for name, arr in [("latent", results.latent), *results.obs.items()]
            if arr.shape[0] != n]
@@ -77,7 +80,7 @@ def write_results(adata: AnnData, results: Results, *, key_added: str) -> dict[s
         raise ValueError(msg)
     check_key_added(key_added)
     keys = output_keys(key_added, results)
-    backing = _writable_backing_file(adata)
+    backing = _writable_backing_file(adata) if to_file else None
     if backing is not None:
         _check_room(backing, results)  # before anything is written, in memory or on disk
     adata.obsm[keys["obsm"][0]] = np.asarray(results.latent, dtype=np.float32)

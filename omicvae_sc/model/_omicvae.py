@@ -31,6 +31,7 @@ from omicvae_sc.data import (
     checked_counts,
     count_source,
     covariate_codes,
+    open_dense,
     read_setup,
     write_dense,
     write_keys,
@@ -55,10 +56,10 @@ from omicvae_sc.model._refine import RefinedLatent, check_refine_args, refine_ce
 from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS, ResultOptions
 from omicvae_sc.model._runtime import resolve_device, seeded
 from omicvae_sc.model._scores import ANOMALY_DRAWS, ANOMALY_SAMPLES
-from omicvae_sc.model._training import TrainRequest, train_module
+from omicvae_sc.model._training import TrainRequest, train_module, training_team
 from omicvae_sc.module import VAE
 from omicvae_sc.train import History, TrainingDiverged, default_max_epochs, steady_heap
-from omicvae_sc.train._distributed import DEFAULT_TIMEOUT
+from omicvae_sc.train._distributed import DEFAULT_TIMEOUT, Team
 
 
 class OmicVAE:
@@ -142,6 +143,7 @@ class OmicVAE:
         self.history = History()
         self.is_trained = False
         self.diagnostics: LatentDiagnostics | None = None
+        self._team: Team | None = None  # the processes it was trained with (torchrun)
 
     def __repr__(self) -> str:
         h = self.hparams
@@ -209,6 +211,25 @@ class OmicVAE:
 
     def _tensors(self, adata: AnnData | None):
         return count_source(*self._host_data(adata), self.device)
+
+    @property
+    def _leads(self) -> bool:
+        """Whether this process writes files: alone, or rank 0 of the processes it trained
+        with."""
+        return self._shared is None or self._shared.leader
+
+    def _write_once(self, write, what: str):
+        """``write()`` once for the processes it trained with (rank 0; the others wait and
+        get ``None``), or here when alone."""
+        team = self._shared
+        return write() if team is None else team.leader_writes(write, what)
+
+    @property
+    def _shared(self) -> Team | None:
+        """The processes that share out the per-cell outputs: those it was trained with,
+        while their process group lasts."""
+        team = self._team
+        return team if team is not None and torch.distributed.is_initialized() else None
 
     # ------------------------------------------------------------------ training
     def train(
@@ -331,15 +352,18 @@ class OmicVAE:
             sync_batchnorm=sync_batchnorm, dist_timeout=dist_timeout)
         request.check(self.device)
         counts, codes = self._host_data(None)
+        team = training_team(request, self.device)
         try:
             history = train_module(self.module, counts, codes, request,
-                                   hparams=self.hparams, first_epoch=len(self.history))
+                                   hparams=self.hparams, first_epoch=len(self.history),
+                                   team=team)
         except TrainingDiverged as err:
             self.history = self.history.concat(err.history)
             self.is_trained = len(err.history) > 0
             raise
         self.history = self.history.concat(history)
         self.is_trained = True
+        self._team = team
         with steady_heap():  # its chunks, like training steps, reuse freed memory
             self.diagnostics = self.get_latent_diagnostics()
         msg = collapse_message(self.diagnostics)
@@ -374,7 +398,7 @@ class OmicVAE:
         ``(n_cells, n_latent)`` float32 array.
         """
         return _outputs.latent(self.module, self._tensors(adata), give_mean=give_mean,
-                               seed=seed)
+                               seed=seed, team=self._shared)
 
     @torch.inference_mode()
     def get_normalized_expression(
@@ -413,7 +437,9 @@ class OmicVAE:
         if out is None:
             return _outputs.expression(self.module, data, library_size, cols, batch_code)
         chunks = _outputs.expression_chunks(self.module, data, library_size, cols, batch_code)
-        return write_dense(out, (data.n_cells, len(cols)), chunks)
+        written = self._write_once(lambda: write_dense(out, (data.n_cells, len(cols)), chunks),
+                                   str(out))
+        return open_dense(out) if written is None else written
 
     def get_marginal_ll(
         self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
@@ -436,7 +462,8 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array, nats (negative; higher is better).
         """
-        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed,
+                               team=self._shared)
         return ev.log_likelihood.numpy()
 
     def get_elbo(
@@ -457,7 +484,8 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array, nats (higher is better; -(rate + distortion)).
         """
-        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed,
+                               team=self._shared)
         return -(ev.distortion + ev.rate).numpy()
 
     def get_rate_distortion(
@@ -480,7 +508,8 @@ class OmicVAE:
         ``(rate, distortion)``, each ``(n_cells,)`` float64, nats: KL(q(z|x) || N(0, I)) (what
         the latent encodes) and E_q[-log p(x|z)] (what the reconstruction misses).
         """
-        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed)
+        ev = _outputs.evaluate(self.module, self._tensors(adata), n_samples, seed,
+                               team=self._shared)
         return ev.rate.numpy(), ev.distortion.numpy()
 
     def posterior_predictive_sample(
@@ -536,7 +565,8 @@ class OmicVAE:
         -------
         ``(n_cells,)`` float64 array; higher is more anomalous.
         """
-        return _results.anomaly(self.module, self._tensors(adata), n_draws, n_samples, seed)
+        return _results.anomaly(self.module, self._tensors(adata), n_draws, n_samples, seed,
+                                team=self._shared)
 
     def get_doublet_score(
         self, adata: AnnData | None = None, *, expected_rate: float | None = None,
@@ -643,7 +673,8 @@ class OmicVAE:
                                 contamination=contamination, n_mads=n_mads, doublets=doublets,
                                 doublet_rate=doublet_rate, seed=seed,
                                 denoised_path=denoised_path, progress_bar=progress_bar)
-        write_results(adata, self.compute_results(adata, options), key_added=key_added)
+        write_results(adata, self.compute_results(adata, options), key_added=key_added,
+                      to_file=self._leads)
 
     def compute_results(self, adata: AnnData, options: ResultOptions | None = None) -> Results:
         """What :meth:`write_results` writes, computed from ``adata`` and not yet written.
@@ -670,7 +701,8 @@ class OmicVAE:
                    "model.get_normalized_expression(adata, out='denoised.zarr') instead.")
             raise ValueError(msg)
         results = _results.compute_results(
-            self.module, self._tensors(adata), options, params=dict(self.hparams),
+            self.module, self._tensors(adata), options, team=self._shared,
+            params=dict(self.hparams),
             setup=self.setup.to_dict(), history=self.history.to_dict())
         return results if columns is None else results.on_genes(columns, adata.n_vars)
 
@@ -822,7 +854,8 @@ class OmicVAE:
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Save weights (tensors only) and JSON metadata into the folder ``path``, atomically.
 
-        A crash or kill mid-save leaves the previous model whole.
+        A crash or kill mid-save leaves the previous model whole. After training on several
+        processes (torchrun), call it on every process: rank 0 writes, the others wait.
 
         Parameters
         ----------
@@ -834,7 +867,8 @@ class OmicVAE:
         record = {"hparams": self.hparams, "setup": self.setup.to_dict(),
                   "var_names": self.var_names.tolist(), "is_trained": self.is_trained,
                   "history": self.history.to_dict()}
-        _io.save_model(Path(path), self.module, record, overwrite=overwrite)
+        self._write_once(lambda: _io.save_model(Path(path), self.module, record,
+                                                overwrite=overwrite), f"the model to {path}")
 
     @staticmethod
     def saved_var_names(path: str | Path) -> np.ndarray:

@@ -14,6 +14,22 @@ from omicvae_sc.data import CountTensors, stack_rows
 from omicvae_sc.model._runtime import seeded
 from omicvae_sc.module import VAE, CellEvaluation, chunk_rows
 from omicvae_sc.train import steady_heap
+from omicvae_sc.train._distributed import Team, part_of
+
+
+def per_cell(data: CountTensors, team: Team | None, compute):
+    """``compute(data)``: a tensor, or a tuple of tensors, with a row per cell of ``data`` in
+    order. With ``team`` (a model trained on several processes) each process computes its
+    part of the cells and every process gets every row, gathered in cell order; every
+    process must ask (each waits for the others' parts)."""
+    if team is None or data.n_cells < 2 * team.world:
+        return compute(data)
+    lo, hi = part_of(data.n_cells, team.rank, team.world)
+    out = compute(data.part(lo, hi))
+    single = isinstance(out, torch.Tensor)
+    gathered = tuple(team.gather_rows(t.to(team.device), data.n_cells).to(t.device)
+                     for t in ((out,) if single else out))
+    return gathered[0] if single else gathered
 
 
 def cell_chunks(data: CountTensors, n_samples: int = 1
@@ -26,17 +42,21 @@ def cell_chunks(data: CountTensors, n_samples: int = 1
 
 
 @torch.inference_mode()
-def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0
-           ) -> np.ndarray:
-    """Posterior means (or one draw per cell), ``(n_cells, n_latent)`` float32."""
-    def chunks():
-        for x, codes in cell_chunks(data):
+def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0,
+           team: Team | None = None) -> np.ndarray:
+    """Posterior means (or one draw per cell), ``(n_cells, n_latent)`` float32 (``team``: as
+    in :func:`per_cell`)."""
+    def chunks(part):
+        for x, codes in cell_chunks(part):
             posterior = module.inference(x, codes)
             yield posterior.mean if give_mean \
                 else posterior.sample(torch.randn_like(posterior.mean))
 
-    with seeded(seed, data.device):
-        return stack_rows(data.n_cells, chunks()).cpu().numpy()
+    def compute(part):
+        with seeded(seed, data.device):
+            return stack_rows(part.n_cells, chunks(part))
+
+    return per_cell(data, team, compute).cpu().numpy()
 
 
 def expression_chunks(module: VAE, data: CountTensors, library_size: float | str,
@@ -65,20 +85,23 @@ def expression(module: VAE, data: CountTensors, library_size: float | str, cols:
 
 
 @torch.inference_mode()
-def evaluate(module: VAE, data: CountTensors, n_samples: int, seed: int) -> CellEvaluation:
+def evaluate(module: VAE, data: CountTensors, n_samples: int, seed: int, *,
+             team: Team | None = None) -> CellEvaluation:
     """:meth:`VAE.evaluate` over every cell: log p(x), distortion and rate, float64 on the
-    host."""
-    def chunks():
-        for x, codes in cell_chunks(data, n_samples):
+    host (``team``: as in :func:`per_cell`)."""
+    def chunks(part):
+        for x, codes in cell_chunks(part, n_samples):
             ev = module.evaluate(x, codes, n_samples=n_samples)
             yield ev.log_likelihood, ev.distortion, ev.rate
 
     # stack_rows, not a list of chunk results: those small results pin the chunks' freed
     # temporaries in the heap (6.9 GB at 100k cells of 2,000 genes streamed from disk with a
     # second thread running: benchmarks/output_memory.py --idle-thread)
-    with seeded(seed, data.device):
-        stacked = stack_rows(data.n_cells, chunks())
-    return CellEvaluation(*(t.double().cpu() for t in stacked))
+    def compute(part):
+        with seeded(seed, data.device):
+            return stack_rows(part.n_cells, chunks(part))
+
+    return CellEvaluation(*(t.double().cpu() for t in per_cell(data, team, compute)))
 
 
 @torch.inference_mode()

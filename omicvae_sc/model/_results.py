@@ -14,12 +14,14 @@ from omicvae_sc.data import (
     ResultsRecord,
     check_new_output,
     holds_disk_arrays,
+    open_dense,
     write_dense,
 )
 from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
 from omicvae_sc.model._runtime import cell_progress, seeded, stage
 from omicvae_sc.module import VAE
+from omicvae_sc.train._distributed import Team
 
 LOG_LIKELIHOOD_SAMPLES = 25
 """Importance samples per cell for the written log-likelihood, rate and distortion."""
@@ -28,14 +30,18 @@ N_MADS = 3.0
 """Width of the default robust anomaly cutoff, in robust standard deviations."""
 
 
-def anomaly(module: VAE, data: CountTensors, n_draws: int, n_samples: int, seed: int
-            ) -> np.ndarray:
-    """Predictive z-score per cell (see ``OmicVAE.get_anomaly_score``), float64."""
+def anomaly(module: VAE, data: CountTensors, n_draws: int, n_samples: int, seed: int, *,
+            team: Team | None = None) -> np.ndarray:
+    """Predictive z-score per cell (see ``OmicVAE.get_anomaly_score``), float64 (``team``:
+    as in :func:`._outputs.per_cell`)."""
     check_count("n_draws", n_draws, minimum=2)
     check_count("n_samples", n_samples)
-    with seeded(seed, data.device):
-        scores = _scores.anomaly_scores(module, data, n_draws=n_draws, n_samples=n_samples)
-    return scores.double().cpu().numpy()
+
+    def compute(part):
+        with seeded(seed, data.device):
+            return _scores.anomaly_scores(module, part, n_draws=n_draws, n_samples=n_samples)
+
+    return _outputs.per_cell(data, team, compute).double().cpu().numpy()
 
 
 def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed: int, *,
@@ -99,15 +105,18 @@ def check_denoised_target(options: ResultOptions, adata, n_genes: int | None = N
 
 
 def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
-                    params: dict, setup: dict, history: dict) -> Results:
+                    params: dict, setup: dict, history: dict,
+                    team: Team | None = None) -> Results:
     """What ``write_results`` writes, computed from the validated ``data`` with ``options``
     checked by the caller (before the data are read); ``params``, ``setup`` and ``history``
-    describe the model. Each stage logs its seconds (logger ``omicvae_sc``, level INFO)."""
+    describe the model. Each stage logs its seconds (logger ``omicvae_sc``, level INFO).
+    With ``team``, the per-cell passes are shared out (:func:`._outputs.per_cell`); the
+    doublet score and the diagnostics are computed whole by every process."""
     seed = options.seed
-    bars = options.progress_bar
+    bars = options.progress_bar and (team is None or team.leader)
     with stage("log-likelihood, rate and distortion"), \
             cell_progress(data, "log p(x)", enabled=bars) as counted:
-        ev = _outputs.evaluate(module, counted, options.n_samples, seed)
+        ev = _outputs.evaluate(module, counted, options.n_samples, seed, team=team)
     obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
            "distortion": ev.distortion.numpy()}
     params = {**params, "n_samples": options.n_samples, "device": str(data.device)}
@@ -116,7 +125,7 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
         with stage("anomaly scores"), \
                 cell_progress(data, "anomaly scores", enabled=bars) as counted:
             score = anomaly(module, counted, _scores.ANOMALY_DRAWS, _scores.ANOMALY_SAMPLES,
-                            seed)
+                            seed, team=team)
         flags = (_scores.flag_robust(score, options.n_mads) if options.contamination is None
                  else _scores.flag_top_fraction(score, options.contamination))
         obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
@@ -132,7 +141,7 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     with stage("latent diagnostics and latents"), \
             cell_progress(data, "latents", enabled=bars, passes=2) as counted:
         diagnostics = _diagnostics.latent_diagnostics(module, counted, seed=seed).to_dict()
-        latent = _outputs.latent(module, counted)
+        latent = _outputs.latent(module, counted, team=team)
     denoised = None
     if options.layers:
         with stage("denoised expression"):
@@ -140,10 +149,16 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
             if options.denoised_path is None:
                 denoised = _outputs.expression(module, data, "observed", every, None)
             else:  # chunk by chunk into a new file, never whole in memory
-                denoised = write_dense(options.denoised_path, (data.n_cells, data.n_genes),
+                def write():
+                    return write_dense(options.denoised_path, (data.n_cells, data.n_genes),
                                        _outputs.expression_chunks(module, data, "observed",
                                                                   every, None),
                                        what="denoised_path")
+
+                # files are written once: by rank 0 of a distributed job
+                denoised = write() if team is None else \
+                    team.leader_writes(write, str(options.denoised_path)) or \
+                    open_dense(options.denoised_path)
     record = ResultsRecord(params=params, setup=setup, history=history,
                            latent_diagnostics=diagnostics, **flag_rules)
     return Results(latent=latent, obs=obs, record=record, denoised=denoised)

@@ -104,6 +104,9 @@ class _Counted:
     def __getattr__(self, name: str):
         return getattr(self._data, name)
 
+    def part(self, lo: int, hi: int) -> _Counted:
+        return _Counted(self._data.part(lo, hi), self._bar)
+
     def batches(self, batch_size: int, **kwargs):
         for item in self._data.batches(batch_size, **kwargs):
             self._bar.update(len(item[0]))

@@ -89,14 +89,14 @@ def training_team(request: TrainRequest, device: torch.device) -> Team | None:
 
 def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
                  codes: np.ndarray | None,
-                 request: TrainRequest, *, hparams: dict, first_epoch: int) -> History:
+                 request: TrainRequest, *, hparams: dict, first_epoch: int,
+                 team: Team | None = None) -> History:
     """Train ``module`` in place on the validated ``counts`` (in memory, or on disk behind a
     ``RowReader``) and ``codes``; the history of this call (``request`` checked by the
-    caller). Under ``torchrun`` every process calls this and they train together, each on
-    its part of every minibatch. Raises ``TrainingDiverged`` as
+    caller). With ``team`` (:func:`training_team`) every process of the job calls this and
+    they train together, each on its part of every minibatch. Raises ``TrainingDiverged`` as
     :func:`omicvae_sc.train.fit` does."""
     device = next(module.parameters()).device
-    team = training_team(request, device)
     n = counts.shape[0]
     max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
     held_out = validation_mask(n, request.validation_fraction, bool(request.early_stopping),

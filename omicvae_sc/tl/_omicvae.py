@@ -201,4 +201,5 @@ def write_back(model: OmicVAE, adata: AnnData, genes: np.ndarray | None,
     if genes is not None:
         results = results.on_genes(genes)
     with stage("write-back"):
-        _data.write_results(adata, results, key_added=key_added)
+        # rank 0 alone writes into a file opened with backed="r+" (torchrun)
+        _data.write_results(adata, results, key_added=key_added, to_file=model._leads)

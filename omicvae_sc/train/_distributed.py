@@ -132,6 +132,7 @@ class Team:
     timeout: float = DEFAULT_TIMEOUT
     sync_batchnorm: bool = True
     _watch: _Watch | None = field(default=None, repr=False)
+    _writes: int = field(default=0, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -182,6 +183,32 @@ class Team:
         parts = [every[r][:b - a] for r, (a, b) in enumerate(
             part_of(n_total, r, self.world) for r in range(self.world))]
         return torch.cat(parts)
+
+    def leader_writes(self, write, what: str):
+        """Run ``write()`` on rank 0 alone (files must be written once) and return its result
+        there; the others wait for it to finish, watching that rank 0 lives, and get ``None``.
+        A failure on rank 0 is an error on every process."""
+        store = _heartbeat_store()
+        if store is None:  # a process group without a store: a collective marks the end
+            out = write() if self.leader else None
+            self.sum_(torch.zeros(1, device=self.device))
+            return out
+        self._writes += 1
+        key = f"written/{self._writes}"
+        if self.leader:
+            try:
+                out = write()
+            except BaseException:
+                store.set(key, "failed")
+                raise
+            store.set(key, "done")
+            return out
+        with self.watch(None):
+            store.wait([key], timedelta(days=30))  # a large write takes what it takes
+        if store.get(key) != b"done":
+            msg = f"Rank 0 failed to write {what}; its error says why."
+            raise RuntimeError(msg)
+        return None
 
     def wrap(self, module: nn.Module, *, find_unused: bool) -> nn.Module:
         """``module`` in ``DistributedDataParallel``: its gradients averaged in backward (the
