@@ -30,8 +30,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--likelihood", default="zinb")
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--early-stopping", action="store_true")
-    p.add_argument("--no-sync-batchnorm", action="store_true")
+    p.add_argument("--sync-batchnorm", action="store_true")
     p.add_argument("--h5ad", type=Path, help="train on this file, opened backed='r'")
+    p.add_argument("--in-memory", action="store_true", help="read --h5ad whole")
+    p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--labels", help="obs column saved beside the latent")
     p.add_argument("--block-rows", type=int, default=1024)
     p.add_argument("--checkpoint-dir", type=Path)
     p.add_argument("--resume", nargs="?", const=True, default=False,
@@ -59,7 +62,7 @@ def main(argv: list[str]) -> None:
     if args.h5ad is not None:
         import anndata as ad
 
-        adata = ad.read_h5ad(args.h5ad, backed="r")
+        adata = ad.read_h5ad(args.h5ad, backed=None if args.in_memory else "r")
     else:
         n = args.cells + (rank if args.cells_plus_rank else 0)
         adata = ov.datasets.synthetic_counts(n, args.genes, seed=1)
@@ -75,9 +78,10 @@ def main(argv: list[str]) -> None:
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, precision="float32",
                     validation_fraction=args.validation_fraction,
                     early_stopping=args.early_stopping, progress_bar=False,
-                    sync_batchnorm=not args.no_sync_batchnorm, dist_timeout=args.timeout,
+                    sync_batchnorm=args.sync_batchnorm, dist_timeout=args.timeout,
                     checkpoint_dir=args.checkpoint_dir, checkpoint_every=1,
-                    resume=args.resume, block_rows=args.block_rows)
+                    resume=args.resume, block_rows=args.block_rows,
+                    distributed={"auto": None, "on": True, "off": False}[args.distributed])
     except ov.train.TrainingDiverged as err:
         result["diverged"] = np.asarray(str(err))
     result |= before
@@ -86,6 +90,8 @@ def main(argv: list[str]) -> None:
                for k, v in model.history.to_dict().items() if isinstance(v, np.ndarray)}
     result["latent"] = model.get_latent_representation()
     result["threads"] = np.asarray(torch.get_num_threads())
+    if args.labels is not None:
+        result["labels"] = adata.obs[args.labels].astype(str).to_numpy()
     if args.held_out is not None:
         import anndata as ad
 

@@ -48,7 +48,7 @@ class TrainRequest:
     block_rows: int = BLOCK_ROWS
     buffer_blocks: int = BUFFER_BLOCKS
     distributed: bool | None = None
-    sync_batchnorm: bool = True
+    sync_batchnorm: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT
 
     def check(self, device: torch.device) -> None:

@@ -99,14 +99,20 @@ class BatchNorm(nn.BatchNorm1d):
         return self._shared_forward(x, share.group)
 
     def _shared_forward(self, x: torch.Tensor, group) -> torch.Tensor:
-        # two passes, as BatchNorm itself: the mean, then the squared deviations from it
+        # one sum over the processes a layer (and one for its gradient): every collective is
+        # a point where the processes wait for each other. Sums of the deviations from the
+        # running mean (the same in every process), not of x itself, keep E[d^2] - E[d]^2
+        # free of cancellation: the running mean is close to the minibatch's.
+        c = x.shape[1]
+        shift = self.running_mean.detach()
+        d = x - shift
         count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=x.dtype)
-        sums = _SumOver.apply(torch.cat([x.sum(0), count]), group)
+        sums = _SumOver.apply(torch.cat([d.sum(0), d.square().sum(0), count]), group)
         n = sums[-1].detach()
-        mean = sums[:-1] / n
-        centred = x - mean
-        var = _SumOver.apply(centred.square().sum(0), group) / n  # biased, as in training
-        out = centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        mean_d = sums[:c] / n
+        var = (sums[c:2 * c] / n - mean_d.square()).clamp_min(0.0)  # biased, as in training
+        mean = mean_d + shift
+        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum

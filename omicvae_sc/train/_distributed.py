@@ -4,10 +4,12 @@ of CPU cores), on one machine or several, started by ``torchrun`` or any launche
 
 A :class:`Team` is this process's place in the job. With it, :func:`omicvae_sc.train.fit` takes
 each optimizer step over the cells of all processes together: gradients are averaged by
-``DistributedDataParallel`` (weighted so the step is that of the whole minibatch), BatchNorm
-statistics and random draws are those of the whole minibatch (``module._parallel``), losses
-and validation sums are all-reduced, so every process keeps the same history and takes the same
-early-stopping and non-finite-loss decisions. Rank 0 alone writes checkpoints and shows bars.
+``DistributedDataParallel`` (weighted so the step is that of the whole minibatch), random
+draws are those of the whole minibatch and, with ``sync_batchnorm``, BatchNorm statistics
+too (``module._parallel``; by default each process normalises by its own cells and the
+running statistics are averaged every epoch), losses and validation sums are all-reduced,
+so every process keeps the same history and takes the same early-stopping and
+non-finite-loss decisions. Rank 0 alone writes checkpoints and shows bars.
 
 A process that dies or hangs must not leave the others waiting forever. While training, every
 process bumps a counter in the job's key-value store each ``HEARTBEAT_SECONDS`` and watches the
@@ -57,13 +59,14 @@ def _backend_for(device: torch.device) -> str:
 
 
 def from_environment(device: torch.device, *, distributed: bool | None,
-                     timeout: float = DEFAULT_TIMEOUT, sync_batchnorm: bool = True
+                     timeout: float = DEFAULT_TIMEOUT, sync_batchnorm: bool = False
                      ) -> Team | None:
     """This process's :class:`Team`, or ``None`` to train alone.
 
     ``distributed=None`` trains together when the launcher started several processes
     (``WORLD_SIZE`` above 1) or the caller has set up a process group of several; ``False``
-    trains alone in every process; ``True`` requires a launcher. The process group is set up
+    trains alone in every process; ``True`` requires a launcher, and takes the distributed
+    path even for one process (to measure what it costs). The process group is set up
     here when the caller has not (NCCL for CUDA tensors, gloo for the CPU's).
     """
     if distributed is False:
@@ -74,17 +77,18 @@ def from_environment(device: torch.device, *, distributed: bool | None,
             msg = "This torch was built without torch.distributed; train in one process."
             raise RuntimeError(msg)
         return None
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if not dist.is_initialized():
-        if world_env <= 1:
+        if world_env <= 1 and not (distributed and launched):
             if distributed:
                 msg = ("distributed=True, but this process was not started by torchrun (or "
-                       "another launcher setting WORLD_SIZE above 1). Start it with e.g. "
+                       "another launcher setting RANK and WORLD_SIZE). Start it with e.g. "
                        "`torchrun --nproc_per_node=2 script.py`.")
                 raise ValueError(msg)
             return None
         _init_process_group(device, timeout)
     world = dist.get_world_size()
-    if world <= 1:
+    if world <= 1 and not distributed:  # distributed=True: the path of many, on one
         return None
     return Team(rank=dist.get_rank(), world=world, group=_group_for(device), device=device,
                 timeout=float(timeout), sync_batchnorm=sync_batchnorm)
@@ -130,7 +134,7 @@ class Team:
     group: object
     device: torch.device
     timeout: float = DEFAULT_TIMEOUT
-    sync_batchnorm: bool = True
+    sync_batchnorm: bool = False
     _watch: _Watch | None = field(default=None, repr=False)
     _writes: int = field(default=0, repr=False)
 
@@ -221,8 +225,10 @@ class Team:
         # (or averaged per epoch), not broadcast from rank 0 before every step
         newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         buffers = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+        # gradients in the buckets themselves: no copy in and out of them every step
         return DistributedDataParallel(module, device_ids=ids, process_group=self.group,
-                                       find_unused_parameters=find_unused, **buffers)
+                                       find_unused_parameters=find_unused,
+                                       gradient_as_bucket_view=True, **buffers)
 
     @contextlib.contextmanager
     def watch(self, checkpoint_dir: Path | None) -> Iterator[None]:

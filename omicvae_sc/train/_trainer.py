@@ -417,6 +417,8 @@ def _run_epoch(run: _Run, progress: _Progress, epoch: int) -> bool:
         step=progress.step, total_steps=run.total_steps, generator=run.generator,
         guard=run.guard, graphed=run.graphed, team=run.team, objective=run.objective)
     bad = run.guard.first_bad_step()
+    if run.team is not None and not run.team.sync_batchnorm:
+        run.team.average_buffers(module)  # per-process BatchNorm statistics: their mean
     if bad is not None:
         module.eval()
         msg = (f"Training stopped: the loss became {bad[1]} at epoch {run.first_epoch + epoch}, "
@@ -426,8 +428,6 @@ def _run_epoch(run: _Run, progress: _Progress, epoch: int) -> bool:
         raise TrainingDiverged(msg, progress.history(run.first_epoch))
     progress.step = step
     distortion, rate = (sums / run.train_data.n_cells).tolist()  # one host sync per epoch
-    if run.team is not None and not run.team.sync_batchnorm:
-        run.team.average_buffers(module)  # per-process BatchNorm statistics: their mean
     val = (float("nan"),) * 2
     if run.validation_data is not None:
         vsums, _, _ = _epoch_sums(module, run.validation_data, config, train=False,
