@@ -194,12 +194,21 @@ def run_fit(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError, FileExistsError) as err:
         raise CliError(as_cli_message(_message(err))) from err
     seconds = time.perf_counter() - start
+    if not _writes_files():  # under torchrun every process has every result; rank 0 writes
+        return 0
     _write_atomic(adata, args.output)
     print(f"wrote {args.output}")
     if args.save_model is not None:
         print(f"wrote {args.save_model}")
     print(f"fit: {_summary(adata, seconds)}")
     return 0
+
+
+def _writes_files() -> bool:
+    """Whether this process writes the output: alone, or rank 0 of a ``torchrun`` job."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 CLI_FLAGS = {"layer": "--layer", "batch_key": "--batch-key", "n_top_genes": "--n-top-genes",

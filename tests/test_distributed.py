@@ -9,6 +9,7 @@ each reads disjoint cells, and every wrong set-up is a clear error.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -336,3 +337,34 @@ def test_outputs_after_distributed_training_are_shared_out_and_gathered_in_cell_
     alone_0, alone_1 = model.get_anomaly_score(seed=0), model.get_anomaly_score(seed=1)
     between_seeds = np.corrcoef(alone_0, alone_1)[0, 1]
     assert np.corrcoef(r0["omicvae_anomaly_score"], alone_0)[0, 1] > 0.9 * between_seeds
+
+
+def test_the_command_line_runs_under_torchrun_and_rank_0_writes_the_output(tmp_path):
+    ov.datasets.synthetic_counts(400, 40, seed=2).write_h5ad(tmp_path / "in.h5ad")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "omicvae_sc.cli", "fit",
+           str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad"), "--layer", "counts",
+           "--epochs", "3", "--no-progress", "--no-doublets"]
+    ok(subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300))
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obsm["X_omicvae"].shape == (400, 10)
+    assert np.isfinite(out.obs["omicvae_anomaly_score"]).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.h5ad"]  # one file
+
+
+def test_the_readmes_training_script_runs_under_torchrun(tmp_path):
+    """The README's train_atlas.py, as pasted, on two processes: a model saved once, a
+    checkpoint, and the same script restarted continues from that checkpoint."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    script = next(b for b in re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.M)
+                  if b.startswith("# train_atlas.py"))
+    (tmp_path / "train_atlas.py").write_text(script)
+    ov.datasets.synthetic_counts(600, 60, n_batches=2, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "train_atlas.py"]
+    for _ in range(2):  # the second run finds the finished run's checkpoint and resumes it
+        ok(subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300))
+    model = ov.OmicVAE.load(tmp_path / "atlas_model", ad.read_h5ad(tmp_path / "cells.h5ad"))
+    assert model.is_trained and len(model.history) == 10
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").is_file()

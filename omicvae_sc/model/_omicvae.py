@@ -303,7 +303,8 @@ class OmicVAE:
             shuffles the cells of those blocks together; the next blocks are read while the
             model trains. Memory holds about two buffers. Larger buffers mix more of the file
             into each minibatch; their effect on quality and speed is measured in
-            benchmarks/README.md ("Streaming from disk").
+            benchmarks/README.md ("Streaming from disk"). With K processes a block holds at
+            most a 4K-th of the cells, so that every process has blocks of its own.
         distributed
             Train together with the other processes of a ``torchrun`` job (or any launcher
             that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``): each

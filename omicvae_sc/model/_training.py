@@ -110,7 +110,10 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
         precision=resolve_precision(request.precision, device),
         cuda_graphs=request.cuda_graphs)
     on_disk = isinstance(counts, RowReader)
-    stream = {"block_rows": request.block_rows, "buffer_blocks": request.buffer_blocks}
+    block_rows = request.block_rows
+    if on_disk and team is not None:  # a few blocks for every process, even on small files
+        block_rows = min(block_rows, max(1, n // (4 * team.world)))
+    stream = {"block_rows": block_rows, "buffer_blocks": request.buffer_blocks}
     # on disk the split stays a mask (a byte a cell); in memory, indices
     train_cells = (None if n_val == 0 else ~held_out) if on_disk else np.flatnonzero(~held_out)
     val_cells = held_out if on_disk else np.flatnonzero(held_out)
@@ -129,7 +132,8 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
         run |= {"seed": request.seed, "n_train": n - n_val, "n_validation": n_val,
                 "n_genes": counts.shape[1], "hparams": dict(hparams)}
         if on_disk:  # the order cells are read in is part of what a run computes
-            run |= {"stream": stream}
+            run |= {"stream": {"block_rows": request.block_rows,
+                               "buffer_blocks": request.buffer_blocks}}
         plan = CheckpointPlan(Path(request.checkpoint_dir), request.checkpoint_every, run)
         found = (plan.directory / CHECKPOINT_FILE).is_file()
         if request.resume is True or (request.resume == "auto" and found):
