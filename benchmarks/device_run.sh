@@ -11,7 +11,9 @@
 #
 # Stages: versions and a CUDA check; (1) pbmc3k, 400 epochs: scvi-tools at batch 128 and 512,
 # omicvae_sc at STAGE1_BATCHES and with its defaults; (2) one epoch over 1M cells resampled
-# from pbmc3k: scvi-tools at 128, omicvae_sc at STAGE2_BATCHES, with inference timings.
+# from pbmc3k: scvi-tools at 128, omicvae_sc at STAGE2_BATCHES, with inference timings;
+# (3, STAGES="1 2 3") 100k synthetic cells: one process against the distributed path
+# (torchrun, one process, DistributedDataParallel over NCCL) on the one GPU.
 # omicvae_sc's fits run eagerly and as CUDA graphs (GRAPHS=both; off or on for one of them).
 #
 # A rehearsal here, on the CPU, of everything but the wheels (a few minutes):
@@ -79,4 +81,12 @@ if [[ " $stages " == *" 2 "* ]]; then
         --large-cells "${LARGE_CELLS:-1000000}" --large-batch-sizes ${STAGE2_BATCHES:-1024 8192} \
         --csv "$OUT/large.csv"
     echo "stage 2 (large) rc $? at $((SECONDS - start)) s"
+fi
+if [[ " $stages " == *" 3 "* ]]; then  # issue 20: the distributed path on one GPU
+    "$PY" -c "import omicvae_sc as ov; ov.datasets.synthetic_counts(${DIST_CELLS:-100000}, 2000,
+seed=0).write_h5ad('/tmp/dist_cells.h5ad')"
+    timeout "${STAGE3_S:-120}" "$PY" benchmarks/distributed.py --part speed --device "$DEVICE" \
+        --h5ad /tmp/dist_cells.h5ad --epochs "${DIST_EPOCHS:-3}" --threads "${THREADS:-8}" \
+        | tee "$OUT/distributed.md"
+    echo "stage 3 (distributed path) rc $? at $((SECONDS - start)) s"
 fi

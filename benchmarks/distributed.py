@@ -17,6 +17,9 @@ thread, the same through the distributed path (``torchrun`` with one process and
 ``distributed=True``: what the path costs), and two processes with a thread each (BatchNorm
 statistics summed over them, and per process).
 
+With ``--device cuda`` (the lent GPU machine, benchmarks/device_run.sh stage 3) only the
+one-process runs, on the GPU: the distributed path's cost on one GPU.
+
 ``--part scvi --h5ad FILE``: scvi-tools 1.4.2's own DDP (Lightning, CPU) at one and two
 processes on the same file, in the peers' venv (``--scvi-python``).
 
@@ -117,12 +120,14 @@ def speed(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="dist_speed_"))
     common = ["--h5ad", str(args.h5ad), "--epochs", str(args.epochs),
               "--validation-fraction", "0", "--batch-size", "128"]
-    runs = [("1 process", None, args.threads, []),
+    runs = [("1 process", None, args.threads, ["--device", args.device]),
             ("1 process, distributed path", 1, args.threads,
-             ["--distributed", "on", "--sync-batchnorm"]),
+             ["--distributed", "on", "--sync-batchnorm", "--device", args.device]),
             ("2 processes, BatchNorm summed", 2, 1, ["--sync-batchnorm"]),
             ("2 processes (default)", 2, 1, [])]
-    print("| data | run | threads a process | cells/s | vs 1 process |")
+    if args.device != "cpu":  # one GPU: what the distributed path costs on it
+        runs = runs[:2]
+    print(f"| data | run | threads a process | cells/s | vs 1 process |  ({args.device})")
     print("|---|---|---:|---:|---:|")
     for where, extra in (("in memory", ["--in-memory"]), ("streamed", [])):
         base = None
@@ -165,6 +170,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads of the one-process runs (the distributed ones: 1 each)")
     p.add_argument("--scvi-python", default="/work/venvs/peers/bin/python")
+    p.add_argument("--device", default="cpu", help="speed: cuda measures the one-GPU runs")
     args = p.parse_args()
     if args.epochs is None:
         args.epochs = 400 if args.part == "quality" else 3

@@ -44,6 +44,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-key")
     p.add_argument("--layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cuda: GPU LOCAL_RANK (device='auto')")
     p.add_argument("--tl", action="store_true",
                    help="run ov.tl.omicvae (fit, results, a saved model) instead of train")
     p.add_argument("--nan-at-step", type=int, help="make this training step's loss NaN...")
@@ -70,7 +71,8 @@ def main(argv: list[str]) -> None:
         _tl(adata, args, rank)
         return
     ov.OmicVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
-    model = ov.OmicVAE(adata, likelihood=args.likelihood, seed=args.seed, device="cpu")
+    device = "auto" if args.device == "cuda" else args.device
+    model = ov.OmicVAE(adata, likelihood=args.likelihood, seed=args.seed, device=device)
     result = {}
     before = {} if args.nan_at_step is None else _nan_at(model, args.nan_at_step,
                                                           args.nan_rank == rank)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -258,6 +259,8 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_to_the_same_end(tmp_
             p.kill()
             p.wait()
     assert procs[0].returncode != 0
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck_alone")
+    cut_at = len(torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)["rows"]["epoch"])
     resumed = launch(tmp_path / "resumed", *FAULT_RUN, *ck, "--resume")
     whole = launch(tmp_path / "whole", *FAULT_RUN, "--checkpoint-dir", str(tmp_path / "ck2"))
     for p in resumed + whole:
@@ -267,6 +270,13 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint_to_the_same_end(tmp_
     assert len(a["h.train_elbo"]) == 4
     for name, value in weights(a).items():
         np.testing.assert_allclose(value, b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # the same checkpoint on one process: twice the steps an epoch from there on
+    ok(alone(tmp_path / "alone", *FAULT_RUN, "--checkpoint-dir", str(tmp_path / "ck_alone"),
+             "--resume"))
+    one = np.load(tmp_path / "alone" / "rank0.npz")
+    assert 1 <= cut_at < 4 and len(one["h.train_elbo"]) == 4
+    np.testing.assert_array_equal(one["h.train_elbo"][:cut_at], a["h.train_elbo"][:cut_at])
+    assert one["h.train_elbo"][-1] > one["h.train_elbo"][cut_at - 1]  # it went on learning
 
 
 def test_torchrun_restarts_a_failed_job_and_it_resumes_by_itself(tmp_path):
