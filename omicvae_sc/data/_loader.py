@@ -125,20 +125,27 @@ class CountTensors:
         A trailing batch of a single cell is folded into the one before it, because BatchNorm
         cannot normalize one sample in training mode.
         """
+        order, host = self._order(shuffle, generator)
+        for lo, hi in itertools.pairwise(minibatch_bounds(self.n_cells, batch_size)):
+            yield self._minibatch(order[lo:hi], host[lo:hi], nonzero)
+
+    def _order(self, shuffle: bool, generator: torch.Generator | None
+               ) -> tuple[torch.Tensor, np.ndarray]:
+        """The order an epoch serves the cells in, on the device and on the host."""
         if shuffle:
             host = torch.randperm(self.n_cells, generator=generator)
         else:
             host = torch.arange(self.n_cells)
-        order = host.to(self.device)
-        host = host.numpy()
-        for lo, hi in itertools.pairwise(minibatch_bounds(self.n_cells, batch_size)):
-            idx = order[lo:hi]
-            codes = None if self.codes is None else self.codes[idx]
-            if nonzero:
-                x, positions = self.rows(idx, host[lo:hi], nonzero=True)
-                yield x, codes, positions
-            else:
-                yield self.rows(idx, host[lo:hi]), codes
+        return host.to(self.device), host.numpy()
+
+    def _minibatch(self, idx: torch.Tensor, idx_host: np.ndarray, nonzero: bool
+                   ) -> tuple[torch.Tensor, ...]:
+        """``(counts, codes)`` of the cells ``idx``, with ``nonzero`` also their positions."""
+        codes = None if self.codes is None else self.codes[idx]
+        if nonzero:
+            x, positions = self.rows(idx, idx_host, nonzero=True)
+            return x, codes, positions
+        return self.rows(idx, idx_host), codes
 
     def part_batches(
         self, batch_size: int, *, rank: int, world: int, shuffle: bool,
@@ -153,22 +160,11 @@ class CountTensors:
         ``world=1`` this is :meth:`batches`, so ``world`` processes at ``batch_size`` see the
         minibatches of one at ``world * batch_size``.
         """
-        if shuffle:
-            host = torch.randperm(self.n_cells, generator=generator)
-        else:
-            host = torch.arange(self.n_cells)
-        order = host.to(self.device)
-        host = host.numpy()
+        order, host = self._order(shuffle, generator)
         for lo, hi in itertools.pairwise(shared_bounds(self.n_cells, batch_size, world)):
             m = hi - lo
             a, b = lo + m * rank // world, lo + m * (rank + 1) // world
-            idx = order[a:b]
-            codes = None if self.codes is None else self.codes[idx]
-            if nonzero:
-                x, positions = self.rows(idx, host[a:b], nonzero=True)
-                yield (a - lo, m), x, codes, positions
-            else:
-                yield (a - lo, m), self.rows(idx, host[a:b]), codes
+            yield (a - lo, m), *self._minibatch(order[a:b], host[a:b], nonzero)
 
 
 class RankPart:
