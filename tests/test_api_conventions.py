@@ -52,20 +52,28 @@ def test_top_level_exports():
 
 
 # ---------------------------------------------------------------------------- signatures
+TWO_DATA_TOOLS = {"transfer_labels": ("adata_ref", "adata_query", "labels_key")}
+"""Tools between a reference and a query: both AnnData and what to move between them come
+first and positionally, as in the issue that asked for them and in scanpy's
+``ingest(adata, adata_ref, obs=...)``; the query is the one written into."""
+
+
 def signature_problems(f, *, tool: bool) -> list[str]:
     """Violations of: data first and positional, everything else keyword-only; for tools also
-    ``copy=False``, ``-> AnnData | None`` and ``key_added``."""
+    ``copy=False``, ``-> AnnData | None`` and ``key_added`` (``TWO_DATA_TOOLS``: their leading
+    positional parameters)."""
     params = list(inspect.signature(f).parameters.values())
     problems = []
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    leading = TWO_DATA_TOOLS.get(getattr(f, "__name__", ""), ("adata",))
     if not params or params[0].kind not in positional:
         problems.append("the data is not the first positional parameter")
     for p in params[1:]:
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY and p.name not in leading:
             problems.append(f"{p.name} is not keyword-only")
     if tool:
         by_name = {p.name: p for p in params}
-        if params and params[0].name != "adata":
+        if params and params[0].name != leading[0]:
             problems.append(f"first parameter is {params[0].name!r}, not 'adata'")
         if "copy" not in by_name or by_name["copy"].default is not False:
             problems.append("no copy=False")

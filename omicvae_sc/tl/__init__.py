@@ -3,5 +3,6 @@
 from omicvae_sc.tl._omicvae import omicvae
 from omicvae_sc.tl._rate_distortion import rate_distortion
 from omicvae_sc.tl._stability import latent_stability
+from omicvae_sc.tl._transfer import transfer_labels
 
-__all__ = ["latent_stability", "omicvae", "rate_distortion"]
+__all__ = ["latent_stability", "omicvae", "rate_distortion", "transfer_labels"]
