@@ -48,7 +48,8 @@ def main() -> None:
     strategy = "ddp_find_unused_parameters_true" if args.devices > 1 else "auto"
     model.train(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                 strategy=strategy, train_size=1.0, batch_size=args.batch_size,
-                enable_progress_bar=False, callbacks=[timer])
+                enable_progress_bar=False, callbacks=[timer], logger=False,
+                enable_checkpointing=False)  # nothing left in the working folder
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         epoch = float(np.median(timer.seconds[1:] or timer.seconds))
         print("RESULT " + json.dumps({

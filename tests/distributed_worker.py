@@ -103,12 +103,15 @@ def main(argv: list[str]) -> None:
 
 
 def _tl(adata, args: argparse.Namespace, rank: int) -> None:
-    """The one-call path: fit, every result, a saved model (rank 0 writes it)."""
+    """The one-call path: fit, every result, the denoised layer in a zarr store and a saved
+    model (rank 0 writes both)."""
     ov.tl.omicvae(adata, max_epochs=args.epochs, device="cpu", progress_bar=False,
-                  batch_key=args.batch_key, save_model=args.out / "model",
+                  batch_key=args.batch_key, save_model=args.out / "model", layers=True,
+                  denoised_path=args.out / "denoised.zarr",
                   train_kwargs={"batch_size": args.batch_size, "precision": "float32",
                                 "dist_timeout": args.timeout})
     np.savez(args.out / f"rank{rank}.npz", latent=adata.obsm["X_omicvae"],
+             denoised=np.asarray(adata.layers["omicvae_denoised"][:]),
              **{c: adata.obs[c].to_numpy() for c in adata.obs if c.startswith("omicvae_")})
 
 

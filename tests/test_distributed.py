@@ -326,7 +326,7 @@ def test_outputs_after_distributed_training_are_shared_out_and_gathered_in_cell_
         tmp_path):
     """ov.tl.omicvae under torchrun: each process scores its part of the cells and every
     process writes every cell's results, equal to what the saved model gives in one process;
-    rank 0 alone saves the model."""
+    rank 0 alone saves the model and the denoised store, which both processes read."""
     ok(torchrun(tmp_path / "out", "--tl", "--cells", "600", "--epochs", "5"))
     r0, r1 = (np.load(tmp_path / "out" / f"rank{r}.npz", allow_pickle=True) for r in (0, 1))
     for key in r0.files:
@@ -335,6 +335,11 @@ def test_outputs_after_distributed_training_are_shared_out_and_gathered_in_cell_
     model = ov.OmicVAE.load(tmp_path / "out" / "model", adata, device="cpu")
     torch.set_num_threads(1)  # as in the workers: the same sums to the last bit
     np.testing.assert_allclose(r0["latent"], model.get_latent_representation(), atol=1e-5)
+    np.testing.assert_allclose(r0["denoised"], model.get_normalized_expression(
+        library_size="observed"), rtol=1e-4, atol=1e-5)
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == {"model", "denoised.zarr", "rank0.npz", "rank1.npz", "pid0-0.txt",
+                       "pid1-0.txt"}  # one store, one model, no temporary left
     # Monte Carlo estimates: other draws (each process draws for its own part), the same
     # values up to their noise
     log_px = model.get_marginal_ll(n_samples=LOG_LIKELIHOOD_SAMPLES)

@@ -31,9 +31,7 @@ from omicvae_sc.data import (
     checked_counts,
     count_source,
     covariate_codes,
-    open_dense,
     read_setup,
-    write_dense,
     write_keys,
     write_results,
 )
@@ -217,12 +215,6 @@ class OmicVAE:
         """Whether this process writes files: alone, or rank 0 of the processes it trained
         with."""
         return self._shared is None or self._shared.leader
-
-    def _write_once(self, write, what: str):
-        """``write()`` once for the processes it trained with (rank 0; the others wait and
-        get ``None``), or here when alone."""
-        team = self._shared
-        return write() if team is None else team.leader_writes(write, what)
 
     @property
     def _shared(self) -> Team | None:
@@ -441,9 +433,7 @@ class OmicVAE:
         if out is None:
             return _outputs.expression(self.module, data, library_size, cols, batch_code)
         chunks = _outputs.expression_chunks(self.module, data, library_size, cols, batch_code)
-        written = self._write_once(lambda: write_dense(out, (data.n_cells, len(cols)), chunks),
-                                   str(out))
-        return open_dense(out) if written is None else written
+        return _outputs.dense_file(self._shared, out, (data.n_cells, len(cols)), chunks)
 
     def get_marginal_ll(
         self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0
@@ -871,8 +861,14 @@ class OmicVAE:
         record = {"hparams": self.hparams, "setup": self.setup.to_dict(),
                   "var_names": self.var_names.tolist(), "is_trained": self.is_trained,
                   "history": self.history.to_dict()}
-        self._write_once(lambda: _io.save_model(Path(path), self.module, record,
-                                                overwrite=overwrite), f"the model to {path}")
+        def save() -> None:
+            _io.save_model(Path(path), self.module, record, overwrite=overwrite)
+
+        team = self._shared  # after training on several processes, rank 0 writes
+        if team is None:
+            save()
+        else:
+            team.leader_writes(save, f"the model to {path}")
 
     @staticmethod
     def saved_var_names(path: str | Path) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from omicvae_sc.data import CountTensors, stack_rows
+from omicvae_sc.data import CountTensors, open_dense, stack_rows, write_dense
 from omicvae_sc.model._runtime import seeded
 from omicvae_sc.module import VAE, CellEvaluation, chunk_rows
 from omicvae_sc.train import steady_heap
@@ -30,6 +30,17 @@ def per_cell(data: CountTensors, team: Team | None, compute):
     gathered = tuple(team.gather_rows(t.to(team.device), data.n_cells).to(t.device)
                      for t in ((out,) if single else out))
     return gathered[0] if single else gathered
+
+
+def dense_file(team: Team | None, path, shape: tuple[int, int],
+               chunks: Iterator[np.ndarray], *, what: str = "out"):
+    """:func:`~omicvae_sc.data.write_dense` written once: here when alone, by rank 0 of
+    ``team`` while the others wait (their ``chunks`` never run). Every process gets the array
+    on disk, opened read-only."""
+    if team is None:
+        return write_dense(path, shape, chunks, what=what)
+    written = team.leader_writes(lambda: write_dense(path, shape, chunks, what=what), str(path))
+    return open_dense(path) if written is None else written
 
 
 def cell_chunks(data: CountTensors, n_samples: int = 1

@@ -14,8 +14,6 @@ from omicvae_sc.data import (
     ResultsRecord,
     check_new_output,
     holds_disk_arrays,
-    open_dense,
-    write_dense,
 )
 from omicvae_sc.model import _diagnostics, _doublets, _outputs, _scores
 from omicvae_sc.model._checks import check_count
@@ -149,16 +147,10 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
             if options.denoised_path is None:
                 denoised = _outputs.expression(module, data, "observed", every, None)
             else:  # chunk by chunk into a new file, never whole in memory
-                def write():
-                    return write_dense(options.denoised_path, (data.n_cells, data.n_genes),
-                                       _outputs.expression_chunks(module, data, "observed",
-                                                                  every, None),
-                                       what="denoised_path")
-
-                # files are written once: by rank 0 of a distributed job
-                denoised = write() if team is None else \
-                    team.leader_writes(write, str(options.denoised_path)) or \
-                    open_dense(options.denoised_path)
+                denoised = _outputs.dense_file(
+                    team, options.denoised_path, (data.n_cells, data.n_genes),
+                    _outputs.expression_chunks(module, data, "observed", every, None),
+                    what="denoised_path")
     record = ResultsRecord(params=params, setup=setup, history=history,
                            latent_diagnostics=diagnostics, **flag_rules)
     return Results(latent=latent, obs=obs, record=record, denoised=denoised)
