@@ -52,7 +52,8 @@ def test_top_level_exports():
 
 
 # ---------------------------------------------------------------------------- signatures
-TWO_DATA_TOOLS = {"transfer_labels": ("adata_ref", "adata_query", "labels_key")}
+TWO_DATA_TOOLS = {"transfer_labels": ("adata_ref", "adata_query", "labels_key"),
+                  "map_query": ("adata_query", "reference")}
 """Tools between a reference and a query: both AnnData and what to move between them come
 first and positionally, as in the issue that asked for them and in scanpy's
 ``ingest(adata, adata_ref, obs=...)``; the query is the one written into."""

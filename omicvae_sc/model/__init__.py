@@ -5,6 +5,13 @@ Everything a module outside model/ needs is exported here; the files in model/ a
 
 from omicvae_sc.model._checks import validation_split
 from omicvae_sc.model._diagnostics import LatentDiagnostics
+from omicvae_sc.model._novelty import (
+    NOVELTY_ALPHA,
+    NOVELTY_NEIGHBORS,
+    Novelty,
+    combine_novelty,
+    mean_neighbour_distance,
+)
 from omicvae_sc.model._omicvae import OmicVAE
 from omicvae_sc.model._refine import RefinedLatent
 from omicvae_sc.model._results import (
@@ -17,12 +24,17 @@ from omicvae_sc.model._runtime import stage
 
 __all__ = [
     "LOG_LIKELIHOOD_SAMPLES",
+    "NOVELTY_ALPHA",
+    "NOVELTY_NEIGHBORS",
     "N_MADS",
     "LatentDiagnostics",
+    "Novelty",
     "OmicVAE",
     "RefinedLatent",
     "ResultOptions",
     "check_denoised_target",
+    "combine_novelty",
+    "mean_neighbour_distance",
     "stage",
     "validation_split",
 ]

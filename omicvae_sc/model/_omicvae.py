@@ -35,7 +35,7 @@ from omicvae_sc.data import (
     write_keys,
     write_results,
 )
-from omicvae_sc.model import _generate, _io, _outputs, _results
+from omicvae_sc.model import _generate, _io, _outputs, _query, _results
 from omicvae_sc.model._checks import (
     batch_code_of,
     check_count,
@@ -43,6 +43,7 @@ from omicvae_sc.model._checks import (
     check_same_genes,
     gene_columns,
     model_columns,
+    validation_mask,
 )
 from omicvae_sc.model._diagnostics import (
     MI_CELLS,
@@ -50,12 +51,13 @@ from omicvae_sc.model._diagnostics import (
     collapse_message,
     latent_diagnostics,
 )
+from omicvae_sc.model._query import MIN_GENE_OVERLAP, HeldOut, QueryRecord
 from omicvae_sc.model._refine import RefinedLatent, check_refine_args, refine_cells
 from omicvae_sc.model._results import LOG_LIKELIHOOD_SAMPLES, N_MADS, ResultOptions
 from omicvae_sc.model._runtime import resolve_device, seeded
 from omicvae_sc.model._scores import ANOMALY_DRAWS, ANOMALY_SAMPLES
 from omicvae_sc.model._training import TrainRequest, train_module, training_team
-from omicvae_sc.module import VAE
+from omicvae_sc.module import VAE, graft
 from omicvae_sc.train import History, TrainingDiverged, default_max_epochs, steady_heap
 from omicvae_sc.train._distributed import DEFAULT_TIMEOUT, Team
 
@@ -97,7 +99,7 @@ class OmicVAE:
 
     @classmethod
     def from_setup(cls, adata: AnnData, setup: AnnDataSetup, *, device: str | torch.device = "auto",
-                   **hparams) -> OmicVAE:
+                   var_names: np.ndarray | None = None, **hparams) -> OmicVAE:
         """Build a model from a setup, without reading or writing ``adata.uns``.
 
         The setup comes from :func:`omicvae_sc.data.build_setup` (as in ``tl.omicvae``) or
@@ -111,6 +113,9 @@ class OmicVAE:
             The counts layer and covariates to model.
         device
             ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+        var_names
+            The model's genes, when they are not ``adata``'s (or the setup's ``genes``): a
+            query's model has its reference's.
         **hparams
             The hyperparameters of :class:`OmicVAE` (``n_latent``, ``likelihood``, ``seed``,
             ...); the rest take their defaults.
@@ -122,16 +127,18 @@ class OmicVAE:
         obj = cls.__new__(cls)
         defaults = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1,
                         likelihood="zinb", dispersion="gene", encode_covariates=False, seed=0)
-        obj._build(adata, setup, defaults | hparams, device)
+        obj._build(adata, setup, defaults | hparams, device, var_names)
         return obj
 
-    def _build(self, adata: AnnData, setup: AnnDataSetup, hparams: dict, device) -> None:
+    def _build(self, adata: AnnData, setup: AnnDataSetup, hparams: dict, device,
+               var_names: np.ndarray | None = None) -> None:
         check_hyperparameters(hparams, setup)
         self.adata = adata
         self.setup = setup
         self.hparams = hparams
-        self.var_names = np.asarray(adata.var_names if setup.genes is None else setup.genes,
-                                    dtype=str)
+        if var_names is None:
+            var_names = adata.var_names if setup.genes is None else setup.genes
+        self.var_names = np.asarray(var_names, dtype=str)
         self.device = resolve_device(device)
         with seeded(hparams["seed"], self.device):
             module_args = {k: v for k, v in hparams.items() if k != "seed"}
@@ -142,6 +149,22 @@ class OmicVAE:
         self.is_trained = False
         self.diagnostics: LatentDiagnostics | None = None
         self._team: Team | None = None  # the processes it was trained with (torchrun)
+        self._query: QueryRecord | None = None  # set when it maps a query onto a reference
+        self._aligned: tuple[AnnData, AnnData] | None = None  # a query and its aligned copy
+        self._held_out: HeldOut | None = None  # the cells its last training did not fit
+
+    @property
+    def held_out_cells(self) -> np.ndarray | None:
+        """Which cells its last :meth:`train` held out (the validation split) and did not fit:
+        a boolean mask over the cells it trained on, also after :meth:`save` and
+        :meth:`load`; ``None`` before training or for a model saved before it was kept."""
+        return None if self._held_out is None else self._held_out.mask.copy()
+
+    @property
+    def missing_genes(self) -> tuple[str, ...]:
+        """For a query's model (:meth:`load_query_data`), the reference's genes the query did
+        not measure (zero-filled, out of the likelihood); empty otherwise."""
+        return () if self._query is None else self._query.missing
 
     def __repr__(self) -> str:
         h = self.hparams
@@ -193,10 +216,23 @@ class OmicVAE:
         checks each block as it reads it. A view is read as it is."""
         adata = self.adata if adata is None else adata
         check_anndata_object(adata)
+        adata = self._readable(adata)
         counts = checked_counts(adata, self.setup.layer, self.setup.counts_where,
                                 allow_non_integer=self.setup.allow_non_integer,
                                 columns=self._columns(adata))
         return counts, covariate_codes(adata, self.setup)
+
+    def _readable(self, adata: AnnData) -> AnnData:
+        """``adata`` as this model reads it: itself, or for a query's model a new AnnData with
+        the reference's genes in order (the unmeasured ones zero-filled) and the covariates
+        under the reference's names (kept for the last AnnData asked for)."""
+        if self._query is None:
+            return adata
+        if self._aligned is not None and self._aligned[0] is adata:
+            return self._aligned[1]
+        out = _query.readable(adata, self.setup, self.var_names, self._query)
+        self._aligned = (adata, out)
+        return out
 
     def _columns(self, adata: AnnData) -> np.ndarray | None:
         """Where the model's genes are in ``adata`` (``None``: they are its genes, in order).
@@ -360,6 +396,8 @@ class OmicVAE:
         self.history = self.history.concat(history)
         self.is_trained = True
         self._team = team
+        self._held_out = HeldOut(validation_mask(
+            counts.shape[0], validation_fraction, bool(early_stopping), request.seed))
         with steady_heap():  # its chunks, like training steps, reuse freed memory
             self.diagnostics = self.get_latent_diagnostics()
         msg = collapse_message(self.diagnostics)
@@ -687,8 +725,14 @@ class OmicVAE:
         """
         options = ResultOptions() if options is None else options
         options.check()
+        readable = self._readable(adata)
+        if readable is not adata and options.layers:
+            msg = ("The denoised layer of a query's model holds the reference's genes, not "
+                   "adata's; write it with model.get_normalized_expression(adata, "
+                   "out='denoised.zarr') or pass layers=False.")
+            raise ValueError(msg)
         _results.check_denoised_target(options, adata, len(self.var_names))
-        columns = self._columns(adata)
+        columns = self._columns(readable)
         if columns is not None and options.layers and options.denoised_path is not None:
             msg = (f"The denoised layer on disk would hold the model's {len(columns)} genes, "
                    f"not adata's {adata.n_vars}; write it with "
@@ -861,6 +905,11 @@ class OmicVAE:
         record = {"hparams": self.hparams, "setup": self.setup.to_dict(),
                   "var_names": self.var_names.tolist(), "is_trained": self.is_trained,
                   "history": self.history.to_dict()}
+        if self._query is not None:
+            record["query"] = self._query.to_dict()
+        if self._held_out is not None:
+            record["held_out"] = self._held_out.to_dict()
+
         def save() -> None:
             _io.save_model(Path(path), self.module, record, overwrite=overwrite)
 
@@ -909,15 +958,127 @@ class OmicVAE:
         check_anndata_object(adata)
         setup = AnnDataSetup.from_dict(meta["setup"])
         saved = np.asarray(meta["var_names"], dtype=str)
-        if setup.genes is None:
+        query = "query" in meta  # a query's model reads its cells on the reference's genes
+        if not query and setup.genes is None:
             check_same_genes(saved, adata.var_names,
                              subset=f"adata = adata[:, ov.OmicVAE.saved_var_names("
                              f"{str(path)!r})].copy()")
-        else:  # a model of selected genes finds them by name
+        elif not query:  # a model of selected genes finds them by name
             model_columns(saved, adata.var_names)
-        model = cls.from_setup(adata, setup, device=device, **meta["hparams"])
+        model = cls.from_setup(adata, setup, device=device, var_names=saved if query else None,
+                               **meta["hparams"])
         model.module.load_state_dict(state)
+        if query:
+            model._become_query(QueryRecord.from_dict(meta["query"]))
+            model._readable(adata)  # its genes and covariates checked now
         model.module.eval()
         model.history = History.from_dict(meta["history"])
         model.is_trained = bool(meta["is_trained"])
+        if "held_out" in meta:
+            model._held_out = HeldOut.from_dict(meta["held_out"])
         return model
+
+    # ------------------------------------------------------------------ query mapping
+    @staticmethod
+    def prepare_query_anndata(
+        adata_query: AnnData, reference: OmicVAE | str | Path, *, layer: str | None = "auto",
+        batch_key: str | None = None, min_gene_overlap: float = MIN_GENE_OVERLAP,
+    ) -> AnnData:
+        """A new AnnData of the query's cells on the reference's genes.
+
+        As :meth:`load_query_data` reads them; ``adata_query`` is left as it is.
+
+        The genes are put in the reference's order, genes the query did not measure are
+        zero-filled (a warning counts them) and genes the reference does not model are left
+        out. ``obs`` holds the reference's covariates, under the reference's names.
+
+        Parameters
+        ----------
+        adata_query
+            The query's cells with raw counts, its genes named as the reference's (symbols,
+            or Ensembl IDs, as the reference has them).
+        reference
+            A trained :class:`OmicVAE`, or the folder it was saved to.
+        layer
+            The query's layer of raw counts (``None``: ``X``); ``"auto"``: the reference's
+            counts layer when the query has one of that name, else ``X``.
+        batch_key
+            The query's ``obs`` column with its batch, when not named as the reference's
+            batch key (a reference trained without a batch takes none).
+        min_gene_overlap
+            Least share of the reference's genes the query must have measured.
+
+        Returns
+        -------
+        A new AnnData, counts as CSR in ``layers[layer]`` (or ``X``).
+        """
+        return _query.plan_query(adata_query, reference, layer=layer, batch_key=batch_key,
+                                 min_gene_overlap=min_gene_overlap).aligned
+
+    @classmethod
+    def load_query_data(
+        cls, adata_query: AnnData, reference: OmicVAE | str | Path, *,
+        layer: str | None = "auto", batch_key: str | None = None,
+        min_gene_overlap: float = MIN_GENE_OVERLAP, unfreeze: str = "new",
+        device: str | torch.device = "auto",
+    ) -> OmicVAE:
+        """A model of the query's cells grafted onto a trained reference.
+
+        Architecture surgery, as scArches: the reference's weights, with new batch (and
+        covariate) categories of the query as new, trainable parameters.
+
+        The query's genes are found by name: put in the reference's order, those it did not
+        measure zero-filled for the encoder and left out of the likelihood (a warning counts
+        them). Categories the reference knows keep its parameters; each new one is a new
+        one-hot column of the decoder's first layer (and the encoder's, with
+        ``encode_covariates``) and, with ``dispersion="gene-batch"``, a new row of
+        dispersions, starting at the mean of the reference's. :meth:`train` then fits only
+        what ``unfreeze`` allows, with no weight decay on the reference's part: the
+        reference (a model or a saved folder) is never changed, and with the default the
+        query's model encodes reference cells exactly as the reference does.
+
+        ``adata_query`` is left as it is; the model reads an aligned copy of it
+        (:meth:`prepare_query_anndata`).
+
+        Parameters
+        ----------
+        adata_query
+            The query's cells with raw counts, genes named as the reference's.
+        reference
+            A trained :class:`OmicVAE`, or the folder it was saved to.
+        layer
+            The query's layer of raw counts (``None``: ``X``); ``"auto"``: the reference's
+            counts layer when the query has one of that name, else ``X``.
+        batch_key
+            The query's ``obs`` column with its batch, when not named as the reference's
+            batch key. A reference trained without a batch takes none.
+        min_gene_overlap
+            Least share of the reference's genes the query must have measured (default 0.5);
+            fewer is an error that names the count and, when the two name genes differently
+            (Ensembl IDs against symbols), says so.
+        unfreeze
+            What training on the query may change: ``"new"`` (the new categories' entries,
+            the default), ``"encoder_first_layer"`` (also the encoder's first layer and its
+            BatchNorm, so the encoder can adapt to the query's technology) or ``"all"``.
+        device
+            ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+
+        Returns
+        -------
+        The query's model, usable as it is (``is_trained`` is true: its weights are the
+        reference's) and trained further with :meth:`train`.
+        """
+        plan = _query.plan_query(adata_query, reference, layer=layer, batch_key=batch_key,
+                                 min_gene_overlap=min_gene_overlap, unfreeze=unfreeze)
+        model = cls.from_setup(adata_query, plan.setup, device=device,
+                               var_names=plan.reference.var_names, **plan.reference.hparams)
+        graft(model.module, plan.reference.module)
+        model._become_query(plan.record)
+        model._aligned = (adata_query, plan.aligned)
+        model.is_trained = True
+        return model
+
+    def _become_query(self, record: QueryRecord) -> None:
+        """Mask the query's unmeasured genes and freeze what ``record.unfreeze`` keeps."""
+        self._query = record
+        _query.make_query(self.module, self.var_names, record)

@@ -7,7 +7,8 @@
 - :mod:`._distributions`: the likelihoods as ``torch.distributions`` for draws;
 - :mod:`._refine`: per-cell refinement of the posterior;
 - :mod:`._memory`: the one memory policy for chunked passes;
-- :mod:`._parallel`: what a step shared by several processes changes (noise, BatchNorm).
+- :mod:`._parallel`: what a step shared by several processes changes (noise, BatchNorm);
+- :mod:`._surgery`: a reference's weights grafted into a query's model, and what stays frozen.
 """
 
 from omicvae_sc.module._distributions import (
@@ -25,6 +26,13 @@ from omicvae_sc.module._objective import (
     importance_weighted_log_likelihood,
 )
 from omicvae_sc.module._parallel import BatchNorm, shared_step
+from omicvae_sc.module._surgery import (
+    UNFREEZE,
+    freeze,
+    graft,
+    new_entries,
+    parameter_groups,
+)
 from omicvae_sc.module._vae import (
     DISPERSIONS,
     LIKELIHOODS,
@@ -38,6 +46,7 @@ from omicvae_sc.module._vae import (
 __all__ = [
     "DISPERSIONS",
     "LIKELIHOODS",
+    "UNFREEZE",
     "VAE",
     "BatchNorm",
     "CellEvaluation",
@@ -53,8 +62,12 @@ __all__ = [
     "chunk_rows",
     "count_log_likelihood",
     "elbo_terms",
+    "freeze",
+    "graft",
     "importance_weighted_log_likelihood",
     "log_prob",
     "make_count_distribution",
+    "new_entries",
+    "parameter_groups",
     "shared_step",
 ]

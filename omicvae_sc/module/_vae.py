@@ -30,6 +30,9 @@ from omicvae_sc.module._parallel import randn_rows
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
+MISSING_LOGIT = -1e4
+"""The logit of a gene left out of the likelihood: exp(-1e4) is 0 in float32, so the gene's
+mean is 0, its zero count has probability 1 and its gradient is 0."""
 
 
 class CountParams(NamedTuple):
@@ -146,6 +149,31 @@ class VAE(nn.Module):
         n_rows = self.n_categories[0] if dispersion == "gene-batch" else 1
         # log inverse dispersion; theta = exp(log_theta) starts at 1
         self.log_theta = nn.Parameter(torch.zeros(n_rows, n_genes))
+        self.missing_genes: torch.Tensor | None = None  # see mask_genes
+        self.set_frozen(partial={}, norms=())
+
+    # ------------------------------------------------------------------ query surgery
+    def mask_genes(self, missing: torch.Tensor | None) -> None:
+        """Leave the genes ``missing`` (a boolean ``(genes,)`` mask: genes a query did not
+        measure, zero-filled in its counts) out of the likelihood: their expected count is
+        zero, so they add nothing to log p(x | z) and the library size is shared among the
+        measured genes alone. The encoder still reads them (as zeros); the denoised expression
+        (``expression_fractions``) still predicts them. ``None`` undoes it."""
+        self.missing_genes = None if missing is None or not bool(missing.any()) else (
+            missing.to(torch.bool))
+
+    def set_frozen(self, *, partial: dict[str, torch.Tensor], norms: tuple[str, ...]) -> None:
+        """Record what query surgery froze (:func:`~._surgery.freeze`): the masks of the
+        trainable entries of partly frozen tensors, and the BatchNorm layers that stay in
+        evaluation mode while training."""
+        self.frozen_partial = dict(partial)
+        self.frozen_norms = tuple(norms)
+
+    def train(self, mode: bool = True) -> VAE:
+        super().train(mode)
+        for name in self.frozen_norms:  # the reference's statistics, kept as they are
+            self.get_submodule(name).eval()
+        return self
 
     @contextlib.contextmanager
     def matmul_dtype(self, dtype: torch.dtype | None) -> Iterator[None]:
@@ -193,6 +221,9 @@ class VAE(nn.Module):
             cov = cov.repeat(math.prod(lead), 1)
         # in the heads' compute dtype: the likelihood reads low-precision logits tile by tile
         logits, zi = self.decoder.logits(flat, cov, keep_dtype=True)
+        if self.missing_genes is not None:  # unmeasured genes: a zero expected count
+            missing = self.missing_genes.to(logits.device)
+            logits = logits.masked_fill(missing, MISSING_LOGIT)
         logits = logits.reshape(*lead, n_cells, -1)  # (..., batch, genes)
         if zi is not None:
             zi = zi.reshape(*lead, n_cells, -1)

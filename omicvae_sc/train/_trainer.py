@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from omicvae_sc.module import VAE, LossOutput, shared_step
+from omicvae_sc.module import VAE, LossOutput, parameter_groups, shared_step
 from omicvae_sc.train._checkpoint import CheckpointPlan, rng_state, set_rng_state, write_checkpoint
 from omicvae_sc.train._distributed import Team
 from omicvae_sc.train._graph import GraphedStep, batch_sums, cuda_capture
@@ -378,8 +378,9 @@ def _stepper(module: VAE, config: TrainConfig
     """The optimizer, its non-finite guard and, with ``cuda_graphs``, the captured step."""
     # fused: one kernel for all parameters instead of a dozen small ops per tensor
     capturable = config.cuda_graphs and next(module.parameters()).device.type == "cuda"
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=0.01,
-                                 weight_decay=config.weight_decay, fused=True,
+    # a query model (module/_surgery.py) trains only some tensors, some only in part
+    optimizer = torch.optim.Adam(parameter_groups(module, config.weight_decay), lr=config.lr,
+                                 eps=0.01, weight_decay=config.weight_decay, fused=True,
                                  capturable=capturable)
     guard = _FiniteGuard(module, optimizer)
     graphed = None
