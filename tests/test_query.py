@@ -207,8 +207,28 @@ def test_conformal_pvalues_are_uniform_for_exchangeable_cells():
     assert abs((left_out_pvalues(cal[:, 0]) <= 0.1).mean() - 0.1) < 0.01
     found = combine_novelty(cal, new, alpha=0.05)
     assert abs(found.flagged.mean() - 0.05) < 0.015
-    shifted = combine_novelty(cal, new + 2.0, alpha=0.05)  # novel cells: far more are flagged
-    assert shifted.flagged.mean() > 0.5
+    # a novel third of the cells is flagged; the rest, moved by a batch shift, is not
+    novel = np.arange(len(new)) < len(new) // 3
+    shifted = new + 0.7 + 4.0 * novel[:, None]
+    found = combine_novelty(cal, shifted, alpha=0.05)
+    assert found.flagged[novel].mean() > 0.9
+    assert found.flagged[~novel].mean() < 0.08
+
+
+def test_pvalues_beyond_a_small_calibration_keep_falling_and_stay_honest():
+    rng = np.random.default_rng(1)
+    cal = rng.normal(size=40)
+    inside = np.linspace(cal.min(), cal.max(), 7)
+    ordered = np.sort(cal)
+    conformal = (1 + len(cal) - np.searchsorted(ordered, inside)) / 41
+    np.testing.assert_allclose(empirical_pvalues(cal, inside), conformal)  # exact in range
+    far = np.array([cal.max() + 0.5, cal.max() + 2, cal.max() + 4])
+    p = empirical_pvalues(cal, far)
+    assert (p < 1 / 41).all() and (np.diff(p) < 0).all()
+    # exchangeable cells: flagged at 1% about 1% of the time, over many small calibrations
+    rates = [(empirical_pvalues(rng.normal(size=40), rng.normal(size=2000)) <= 0.01).mean()
+             for _ in range(200)]
+    assert 0.003 < np.mean(rates) < 0.02, np.mean(rates)
 
 
 @pytest.mark.slow

@@ -140,10 +140,29 @@ def _model_diagnostics(ns: dict, out: str) -> None:
         assert "not found: the counterfactual section needs the real-data folder" in out
 
 
+def _reference_mapping(ns: dict, out: str) -> None:
+    query, ref, novel = ns["query"], ns["ref"], ns["novel"]
+    assert novel.sum() == 95 and query.n_vars == 755  # every B cell; ten genes fewer
+    assert ns["reference"].held_out_cells.sum() > 0
+    record = query.uns["omicvae_mapping"]
+    assert record["trained"] and record["n_missing_genes"] == 10
+    assert ref.obsm["X_omicvae"].shape == (ref.n_obs, 10)
+    assert query.obs["omicvae_label_uncertainty"].between(0, 1).all()
+    assert ns["right"][~novel].mean() > 0.5  # after 10 epochs; about 0.8 with the defaults
+    # "the B cells should stand out": they score higher and are flagged more often
+    score, flagged = ns["score"], ns["flagged"]
+    assert np.median(score[novel]) > np.median(score[~novel])
+    assert flagged[novel].mean() > flagged[~novel].mean()
+    assert ns["both"].obsm["X_umap"].shape == (ref.n_obs + query.n_obs, 2)
+    assert "decoder.body.net.0.weight" in out and "genes the query lacks: 10" in out
+    assert "reference cells placed as the reference places them: True" in out
+
+
 EXPECTED = {  # notebook -> (figures it draws at least, what its results must show)
     "01_quickstart.ipynb": (2, _quickstart),
     "02_anomaly_flagging.ipynb": (2, _anomaly_flagging),
     "03_model_diagnostics.ipynb": (4, _model_diagnostics),
+    "04_reference_mapping.ipynb": (1, _reference_mapping),
 }
 
 

@@ -11,7 +11,10 @@ The two statistics are larger for cells the reference does not explain:
 For a calibration cell (a reference cell held out of training, so exchangeable with query
 cells of reference types) the p-value of a statistic against the other calibration cells is
 uniform, and so is the query cell's against all of them; a cell of a type the reference never
-saw gets small p-values. Fisher's statistic ``-2 (log p1 + log p2)`` combines them; it is not
+saw gets small p-values. Beyond the largest calibration value, where a conformal p-value stops
+at ``1 / (n + 1)``, an exponential tail fitted to the calibration's top tenth carries it lower
+(:func:`empirical_pvalues`), so that small references can flag cells at 1%.
+Fisher's statistic ``-2 (log p1 + log p2)`` combines them; it is not
 chi-squared here (the two are correlated), which is why it gets its own empirical p-value
 from the calibration cells' statistics. Flagging p <= alpha flags about alpha of the query's
 cells of reference types, when they resemble the calibration cells.
@@ -31,12 +34,39 @@ NOVELTY_NEIGHBORS = 15
 """Reference cells whose mean latent distance is the distance statistic."""
 
 
+TAIL_SHARE = 0.1
+"""Share of the calibration values (at least :data:`TAIL_MIN` of them) whose excess over the
+rest fits the exponential tail beyond the largest calibration value."""
+
+TAIL_MIN = 5
+
+
 def empirical_pvalues(calibration: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``(1 + #{calibration >= v}) / (1 + n)`` for each value ``v``: the conformal p-value of
-    a larger-is-more-novel statistic."""
-    ordered = np.sort(calibration)
-    at_least = len(ordered) - np.searchsorted(ordered, values, side="left")
-    return (1.0 + at_least) / (1.0 + len(ordered))
+    """``(1 + #{calibration >= v}) / (1 + n)`` for each value ``v`` (the conformal p-value of
+    a larger-is-more-novel statistic) and, beyond the largest calibration value, an
+    exponential tail.
+
+    The conformal p-value cannot fall below ``1 / (n + 1)``: with 50 calibration cells no cell
+    could be flagged at 1%. Beyond the calibration's range the p-value keeps falling as an
+    exponential fitted to the top ``TAIL_SHARE`` of the calibration values (peaks over a
+    threshold ``u``: ``p = k / (n + 1) * exp(-(v - u) / mean excess)``), never above the
+    conformal value. Within the range it is the conformal p-value itself."""
+    ordered = np.sort(np.asarray(calibration, dtype=np.float64))
+    values = np.asarray(values, dtype=np.float64)
+    n = len(ordered)
+    at_least = n - np.searchsorted(ordered, values, side="left")
+    pvalues = (1.0 + at_least) / (1.0 + n)
+    k = min(n - 1, max(TAIL_MIN, int(np.ceil(TAIL_SHARE * n))))
+    beyond = values > ordered[-1]
+    if k < 1 or not beyond.any():
+        return pvalues
+    threshold = ordered[n - k - 1]
+    scale = float(np.mean(ordered[n - k:] - threshold))
+    if scale <= 0:
+        return pvalues
+    tail = k / (n + 1.0) * np.exp(-(values[beyond] - threshold) / scale)
+    pvalues[beyond] = np.minimum(pvalues[beyond], tail)
+    return pvalues
 
 
 def left_out_pvalues(calibration: np.ndarray) -> np.ndarray:
@@ -72,9 +102,20 @@ class Novelty:
                 "statistics": ["anomaly_score", "latent_neighbour_distance"]}
 
 
+def centred_on_calibration(calibration: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``query`` with each column lowered by how far its median lies above the calibration's
+    median (never raised): the query's own batch, which its model can absorb only in part,
+    moves every cell's statistics alike, and most of a query's cells are of reference types,
+    so its median estimates where cells of reference types sit. Ranks within the query are
+    unchanged; a query of mostly novel cells gets fewer flags, never more."""
+    shift = np.median(query, axis=0) - np.median(calibration, axis=0)
+    return query - np.maximum(shift, 0.0)
+
+
 def combine_novelty(calibration: np.ndarray, query: np.ndarray, alpha: float) -> Novelty:
     """Novelty of query cells from statistics ``(cells, m)`` of the query and of the
     calibration cells (columns: larger is more novel)."""
+    query = centred_on_calibration(calibration, query)
     n_cal = calibration.shape[0]
     log_q = np.zeros(query.shape[0])
     log_cal = np.zeros(n_cal)
