@@ -10,7 +10,7 @@ from omicvae_sc.model._novelty import (
     NOVELTY_NEIGHBORS,
     Novelty,
     combine_novelty,
-    mean_neighbour_distance,
+    neighbour_distance_ratio,
 )
 from omicvae_sc.model._omicvae import OmicVAE
 from omicvae_sc.model._refine import RefinedLatent
@@ -34,7 +34,7 @@ __all__ = [
     "ResultOptions",
     "check_denoised_target",
     "combine_novelty",
-    "mean_neighbour_distance",
+    "neighbour_distance_ratio",
     "stage",
     "validation_split",
 ]

@@ -6,7 +6,9 @@ The two statistics are larger for cells the reference does not explain:
 
 - the predictive anomaly score (``OmicVAE.get_anomaly_score``): how much less likely the
   cell's counts are than counts the model generates at its depth;
-- the mean latent distance to the ``k`` nearest reference cells the model trained on.
+- the mean latent distance to the ``k`` nearest reference cells the model trained on, over the
+  same distance among those reference cells (:func:`neighbour_distance_ratio`, a local
+  outlier factor).
 
 For a calibration cell (a reference cell held out of training, so exchangeable with query
 cells of reference types) the p-value of a statistic against the other calibration cells is
@@ -31,7 +33,7 @@ NOVELTY_ALPHA = 0.01
 """Default flag rule: p-value at most 1%, so about 1% of cells of reference types are flagged."""
 
 NOVELTY_NEIGHBORS = 15
-"""Reference cells whose mean latent distance is the distance statistic."""
+"""Reference cells whose mean latent distance makes the distance statistic."""
 
 
 TAIL_SHARE = 0.1
@@ -76,12 +78,23 @@ def left_out_pvalues(calibration: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / len(ordered)
 
 
-def mean_neighbour_distance(reference: np.ndarray, cells: np.ndarray, k: int,
-                            tree: cKDTree | None = None) -> np.ndarray:
-    """Mean Euclidean distance of each of ``cells`` to its ``k`` nearest ``reference`` cells."""
+def neighbour_distance_ratio(reference: np.ndarray, cells: np.ndarray, k: int,
+                             tree: cKDTree | None = None) -> np.ndarray:
+    """How far each of ``cells`` sits from the reference, against how far the reference's
+    cells sit from each other there: its mean Euclidean distance to its ``k`` nearest
+    ``reference`` cells, over the mean of the same for those ``k`` cells (each to its own
+    ``k`` nearest others). A simplified local outlier factor: about 1 inside the reference,
+    above it off it, whether the region is dense (a common type) or sparse (a rare one).
+    Only the reference cells that are someone's neighbours are looked up."""
     tree = cKDTree(reference) if tree is None else tree
-    dist = tree.query(cells, k=k, workers=-1)[0]
-    return np.asarray(dist, dtype=np.float64).reshape(len(cells), k).mean(axis=1)
+    dist, idx = tree.query(cells, k=k, workers=-1)
+    dist, idx = dist.reshape(len(cells), k), idx.reshape(len(cells), k)
+    used = np.unique(idx)
+    own = tree.query(reference[used], k=k + 1, workers=-1)[0].reshape(len(used), k + 1)
+    spacing = np.zeros(len(reference))
+    spacing[used] = own[:, 1:].mean(axis=1)  # itself (distance 0) left out
+    local = spacing[idx].mean(axis=1)
+    return dist.mean(axis=1) / np.maximum(local, np.finfo(np.float64).tiny)
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ class Novelty:
         return {"rule": "empirical_pvalue", "alpha": self.alpha,
                 "n_calibration": self.n_calibration, "n_flagged": int(self.flagged.sum()),
                 "calibration_flagged": self.calibration_flagged,
-                "statistics": ["anomaly_score", "latent_neighbour_distance"]}
+                "statistics": ["anomaly_score", "latent_neighbour_distance_ratio"]}
 
 
 def centred_on_calibration(calibration: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from omicvae_sc.model import (
     Novelty,
     OmicVAE,
     combine_novelty,
-    mean_neighbour_distance,
+    neighbour_distance_ratio,
 )
 from omicvae_sc.tl._transfer import transfer_labels
 
@@ -118,10 +118,10 @@ def _novelty(query: OmicVAE, reference: OmicVAE, adata_query: AnnData, adata_ref
     z_cal = query.get_latent_representation(cal_view)
     calibration = np.column_stack([
         query.get_anomaly_score(cal_view, seed=seed),
-        mean_neighbour_distance(z_ref[~cal], z_cal, k, tree)])
+        neighbour_distance_ratio(z_ref[~cal], z_cal, k, tree)])
     statistics = np.column_stack([
         query.get_anomaly_score(adata_query, seed=seed),
-        mean_neighbour_distance(z_ref[~cal], z_query, k, tree)])
+        neighbour_distance_ratio(z_ref[~cal], z_query, k, tree)])
     return combine_novelty(calibration, statistics, alpha)
 
 
