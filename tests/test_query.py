@@ -317,8 +317,30 @@ def test_map_query_rejects_bad_arguments_before_training(reference, tmp_path,
         ov.tl.map_query(query, model, adata_ref=ref, labels_key="cell_type")
     with pytest.raises(ValueError, match="novelty_alpha must be in"):
         ov.tl.map_query(query, model, adata_ref=ref, novelty_alpha=1.5)
+    with pytest.raises(ValueError, match="n_neighbors must be an integer"):
+        ov.tl.map_query(query, model, adata_ref=ref, labels_key="group", n_neighbors=0)
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         ov.tl.map_query(query, model, save_model=tmp_path / "taken")
     assert adata_fingerprint(query) == seen
     assert "X_omicvae" not in ref.obsm
+
+
+def test_a_query_and_a_reference_on_disk_map_as_in_memory(reference, tmp_path):
+    model, ref, query = reference
+    query.write_h5ad(tmp_path / "query.h5ad")
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    on_disk = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    ref_on_disk = ad.read_h5ad(tmp_path / "ref.h5ad", backed="r")
+    in_memory = ov.OmicVAE.load_query_data(query, model)
+    from_file = ov.OmicVAE.load_query_data(on_disk, model)
+    np.testing.assert_array_equal(from_file.get_latent_representation(),
+                                  in_memory.get_latent_representation())
+    copy = query.copy()
+    ov.tl.map_query(copy, model, adata_ref=ref, max_epochs=3, progress_bar=False)
+    with pytest.raises(ValueError, match="cannot copy an AnnData whose counts are on disk"):
+        ov.tl.map_query(on_disk, model, adata_ref=ref_on_disk, copy=True)
+    ov.tl.map_query(on_disk, model, adata_ref=ref_on_disk, max_epochs=3, progress_bar=False)
+    np.testing.assert_allclose(on_disk.obs["omicvae_novelty_score"],
+                               copy.obs["omicvae_novelty_score"], rtol=1e-5)
+    np.testing.assert_array_equal(ref_on_disk.obsm["X_omicvae"], ref.obsm["X_omicvae"])

@@ -19,6 +19,7 @@ from omicvae_sc.data import (
     check_anndata_object,
     check_key_added,
     checked_counts,
+    holds_disk_arrays,
 )
 from omicvae_sc.data._writeback import write_keys
 from omicvae_sc.model import (
@@ -29,7 +30,7 @@ from omicvae_sc.model import (
     combine_novelty,
     neighbour_distance_ratio,
 )
-from omicvae_sc.tl._transfer import transfer_labels
+from omicvae_sc.tl._transfer import check_vote, write_labels
 
 MIN_CALIBRATION = 10
 """Fewest held-out reference cells that calibrate novelty (fewer: a random tenth, warned)."""
@@ -125,7 +126,8 @@ def _novelty(query: OmicVAE, reference: OmicVAE, adata_query: AnnData, adata_ref
     return combine_novelty(calibration, statistics, alpha)
 
 
-def _check(adata_query, adata_ref, labels_key, novelty_alpha, key_added) -> None:
+def _check(adata_query, adata_ref, labels_key, *, novelty_alpha, key_added, n_neighbors,
+           unknown_above) -> None:
     check_anndata_object(adata_query)
     check_key_added(key_added)
     if adata_ref is not None:
@@ -139,6 +141,7 @@ def _check(adata_query, adata_ref, labels_key, novelty_alpha, key_added) -> None
             msg = (f"adata_ref.obs has no column {labels_key!r} (columns: "
                    f"{list(adata_ref.obs.columns)[:10]}).")
             raise KeyError(msg)
+        check_vote(n_neighbors, unknown_above, int(adata_ref.obs[labels_key].notna().sum()))
     if not 0.0 < novelty_alpha < 1.0:
         msg = f"novelty_alpha must be in (0, 1), got {novelty_alpha!r}; the default is 0.01."
         raise ValueError(msg)
@@ -167,16 +170,21 @@ def map_query(
        adata_query])`` shows both in one embedding (:func:`omicvae_sc.pl.mapping`).
     3. With ``labels_key``, :func:`transfer_labels` writes ``obs['<key>_label']`` and
        ``obs['<key>_label_uncertainty']``.
-    4. With ``adata_ref`` and ``novelty``, each query cell's novelty: its anomaly score under
-       the query's model (which has learned the query's batch, so that a batch effect does
-       not read as novelty) and its mean latent distance to the 15 nearest reference cells,
-       each
-       as an empirical p-value against the reference cells the reference model held out of
-       training (read as the query measured them), combined by Fisher's method, which gets its
-       own empirical p-value. Writes ``obs['<key>_novelty_score']`` (Fisher's statistic,
-       larger is more novel), ``obs['<key>_novelty_pvalue']`` and ``obs['<key>_is_novel']``
-       (p-value at most ``novelty_alpha``: about that share of the query's cells of reference
-       types are flagged, as the calibration cells are).
+    4. With ``adata_ref`` and ``novelty``, each query cell's novelty from two statistics:
+       its anomaly score under the query's model (which has learned the query's batch) and
+       its mean latent distance to the 15 nearest reference cells over those cells' own
+       spacing (a local outlier factor). Each becomes an empirical p-value against the
+       reference cells the reference model held out of training, read as the query measured
+       them (beyond their range an exponential tail carries it lower), after the query's
+       median is brought down to theirs where it lies above (the query's batch moves all its
+       cells alike; most of them are assumed of reference types). Fisher's method combines
+       the two, and the combination gets its own empirical p-value. Writes
+       ``obs['<key>_novelty_score']`` (Fisher's statistic, larger is more novel),
+       ``obs['<key>_novelty_pvalue']`` and ``obs['<key>_is_novel']`` (p-value at most
+       ``novelty_alpha``: about that share of the query's cells of reference types are
+       flagged; 1.2% and 0.9% at the default 1% on pbmc3k and CellBench; a strong new batch
+       the frozen encoder never saw raises it, which ``unfreeze="encoder_first_layer"``
+       mends).
 
     ``uns['<key>_mapping']`` records the settings and figures. Bad input raises before
     anything is trained or written. The query's model can be kept with ``save_model`` and
@@ -215,19 +223,25 @@ def map_query(
         Save the query's model to this new folder.
     copy
         Write into a copy of ``adata_query`` and return it; ``adata_ref`` is then left as it
-        is too (its latent is computed, not written).
+        is too (its latent is computed, not written). Not for a query whose counts are on
+        disk (the results go into the object in memory; the file is not changed).
 
     Returns
     -------
     With ``copy=True`` the mapped copy of ``adata_query``, else ``None``.
     """
-    _check(adata_query, adata_ref, labels_key, novelty_alpha, key_added)
+    _check(adata_query, adata_ref, labels_key, novelty_alpha=novelty_alpha,
+           key_added=key_added, n_neighbors=n_neighbors, unknown_above=unknown_above)
     if save_model is not None and Path(save_model).exists():
         msg = f"save_model folder {str(save_model)!r} already exists; choose a new one."
         raise FileExistsError(msg)
-    if copy:
+    if copy and holds_disk_arrays(adata_query):
+        msg = ("copy=True cannot copy an AnnData whose counts are on disk (backed, or from "
+               "ov.read_lazy). Leave copy=False: the results go into the object in memory "
+               "and the file is not changed; or load it first with adata_query.to_memory().")
+        raise ValueError(msg)
+    if copy:  # adata_ref is then only read
         adata_query = adata_query.copy()
-        adata_ref = None if adata_ref is None else adata_ref.copy()
     query = OmicVAE.load_query_data(adata_query, reference, layer=layer, batch_key=batch_key,
                                     unfreeze=unfreeze)
     trained = any(p.requires_grad for p in query.module.parameters())  # anything new?
@@ -242,11 +256,12 @@ def map_query(
     if adata_ref is not None:
         ref_model = _reference_model(reference, adata_ref, query.device)
         z_ref = ref_model.get_latent_representation(adata_ref)
-        write_keys(adata_ref, obsm={rep: z_ref})
+        if not copy:
+            write_keys(adata_ref, obsm={rep: z_ref})
         if labels_key is not None:
-            transfer_labels(adata_ref, adata_query, labels_key, use_rep=rep,
-                            n_neighbors=n_neighbors, unknown_above=unknown_above,
-                            key_added=key_added, seed=seed)
+            write_labels(adata_query, z_ref, adata_ref.obs[labels_key], z_query,
+                         labels_key=labels_key, use_rep=rep, n_neighbors=n_neighbors,
+                         unknown_above=unknown_above, key_added=key_added, seed=seed)
         if novelty:
             found = _novelty(query, ref_model, adata_query, adata_ref, z_ref=z_ref,
                              z_query=z_query, alpha=novelty_alpha, seed=seed)

@@ -137,7 +137,17 @@ def _check(adata_ref: AnnData, adata_query: AnnData, labels_key: str, use_rep: s
         msg = (f"adata_ref.obs has no column {labels_key!r} (columns: "
                f"{list(adata_ref.obs.columns)}).")
         raise KeyError(msg)
-    n_labelled = int(adata_ref.obs[labels_key].notna().sum())
+    check_vote(n_neighbors, unknown_above, int(adata_ref.obs[labels_key].notna().sum()))
+    check_key_added(key_added)
+    for z, name in ((adata_ref.obsm[use_rep], "adata_ref"),
+                    (adata_query.obsm[use_rep], "adata_query")):
+        if not np.isfinite(np.asarray(z)).all():
+            msg = f"{name}.obsm[{use_rep!r}] holds NaN or infinite values."
+            raise ValueError(msg)
+
+
+def check_vote(n_neighbors: int, unknown_above: float, n_labelled: int) -> None:
+    """The vote's settings for ``n_labelled`` labelled reference cells."""
     if not isinstance(n_neighbors, int | np.integer) or not 1 <= n_neighbors < n_labelled - 1:
         msg = (f"n_neighbors must be an integer in [1, {max(1, n_labelled - 2)}] for "
                f"{n_labelled} labelled reference cells, got {n_neighbors!r}.")
@@ -145,12 +155,6 @@ def _check(adata_ref: AnnData, adata_query: AnnData, labels_key: str, use_rep: s
     if not 0 < unknown_above <= 1:
         msg = f"unknown_above must be in (0, 1], got {unknown_above!r}."
         raise ValueError(msg)
-    check_key_added(key_added)
-    for z, name in ((adata_ref.obsm[use_rep], "adata_ref"),
-                    (adata_query.obsm[use_rep], "adata_query")):
-        if not np.isfinite(np.asarray(z)).all():
-            msg = f"{name}.obsm[{use_rep!r}] holds NaN or infinite values."
-            raise ValueError(msg)
 
 
 def transfer_labels(
@@ -198,14 +202,26 @@ def transfer_labels(
     """
     _check(adata_ref, adata_query, labels_key, use_rep, n_neighbors, unknown_above, key_added)
     target = adata_query.copy() if copy else adata_query
-    labelled = adata_ref.obs[labels_key].notna().to_numpy()
-    codes, labels = pd.factorize(adata_ref.obs[labels_key][labelled], sort=True)
-    z_ref = np.asarray(adata_ref.obsm[use_rep], dtype=np.float64)[labelled]
+    write_labels(target, np.asarray(adata_ref.obsm[use_rep]), adata_ref.obs[labels_key],
+                 np.asarray(adata_query.obsm[use_rep]), labels_key=labels_key, use_rep=use_rep,
+                 n_neighbors=n_neighbors, unknown_above=unknown_above, key_added=key_added,
+                 seed=seed)
+    return target if copy else None
+
+
+def write_labels(target: AnnData, z_ref: np.ndarray, ref_labels: pd.Series,
+                 z_query: np.ndarray, *, labels_key: str, use_rep: str, n_neighbors: int,
+                 unknown_above: float, key_added: str, seed: int) -> None:
+    """The vote and its calibration from latents and labels (checked by the caller), written
+    into ``target``, the query: what :func:`transfer_labels` writes."""
+    labelled = ref_labels.notna().to_numpy()
+    codes, labels = pd.factorize(ref_labels[labelled], sort=True)
+    z_ref = np.asarray(z_ref, dtype=np.float64)[labelled]
     tree = cKDTree(z_ref)
     calibration, report = _reference_calibration(z_ref, codes, len(labels), n_neighbors, tree,
                                                  seed)
-    votes = neighbour_votes(z_ref, codes, len(labels), np.asarray(
-        adata_query.obsm[use_rep], dtype=np.float64), n_neighbors, tree=tree)
+    votes = neighbour_votes(z_ref, codes, len(labels), np.asarray(z_query, dtype=np.float64),
+                            n_neighbors, tree=tree)
     uncertainty = calibration(1.0 - votes.max(axis=1))
     names = np.asarray(labels, dtype=object)[votes.argmax(axis=1)]
     names[uncertainty > unknown_above] = UNKNOWN
@@ -218,4 +234,3 @@ def transfer_labels(
                uns={f"{key_added}_label_transfer": record})
     target.obs[label_key] = pd.Categorical(target.obs[label_key],
                                            categories=[*map(str, labels), UNKNOWN])
-    return target if copy else None
