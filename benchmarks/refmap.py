@@ -112,29 +112,7 @@ def transfer(args: argparse.Namespace) -> None:
 
 def _ingest_labels(ref: ad.AnnData, query: ad.AnnData) -> None:
     """scanpy's ingest on log-normalized counts; the query's cell_type is replaced by it."""
-    ref = ref.copy()
-    for a in (ref, query):
-        a.X = a.layers["counts"].copy()
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-    sc.pp.pca(ref, n_comps=50)
-    sc.pp.neighbors(ref, n_neighbors=15)
-    # scanpy 1.11.5's ingest rebuilds pynndescent's search forest with n_search_trees, which
-    # pynndescent 0.7 leaves None (the option is deprecated there): one tree, its old default
-    import pynndescent
-
-    init = pynndescent.NNDescent.__init__
-
-    def one_tree(self, *a, **k):
-        init(self, *a, **k)
-        if self.n_search_trees is None:
-            self.n_search_trees = 1
-
-    pynndescent.NNDescent.__init__ = one_tree
-    try:
-        sc.tl.ingest(query, ref, obs="cell_type", embedding_method="pca")
-    finally:
-        pynndescent.NNDescent.__init__ = init
+    _ingest_labels_of(ref.copy(), query, "cell_type")
 
 
 # ---------------------------------------------------------------------------- mapping
@@ -193,17 +171,21 @@ def _ingest_mapping(ref: ad.AnnData, query: ad.AnnData, key: str) -> tuple[np.nd
 
 
 def _ingest_labels_of(ref: ad.AnnData, query: ad.AnnData, key: str) -> None:
+    """scanpy's ingest of ``query`` onto ``ref`` (both log-normalized in place, ``ref`` given
+    50 PCs and a 15-neighbour graph); ``query.obs[key]`` is replaced by its labels."""
     for a in (ref, query):
         a.X = a.layers["counts"].copy()
         sc.pp.normalize_total(a, target_sum=1e4)
         sc.pp.log1p(a)
     sc.pp.pca(ref, n_comps=50)
     sc.pp.neighbors(ref, n_neighbors=15)
+    # scanpy 1.11.5's ingest rebuilds pynndescent's search forest with n_search_trees, which
+    # pynndescent 0.7 leaves None (the option is deprecated there): one tree, its old default
     import pynndescent
 
     init = pynndescent.NNDescent.__init__
 
-    def one_tree(self, *a, **k):  # as in _ingest_labels
+    def one_tree(self, *a, **k):
         init(self, *a, **k)
         if self.n_search_trees is None:
             self.n_search_trees = 1

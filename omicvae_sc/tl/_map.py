@@ -137,11 +137,7 @@ def _check(adata_query, adata_ref, labels_key, *, novelty_alpha, key_added, n_ne
             msg = (f"labels_key={labels_key!r} names labels of the reference's cells; pass "
                    "them as adata_ref= (the AnnData the reference was trained on).")
             raise ValueError(msg)
-        if labels_key not in adata_ref.obs:
-            msg = (f"adata_ref.obs has no column {labels_key!r} (columns: "
-                   f"{list(adata_ref.obs.columns)[:10]}).")
-            raise KeyError(msg)
-        check_vote(n_neighbors, unknown_above, int(adata_ref.obs[labels_key].notna().sum()))
+        check_vote(adata_ref, labels_key, n_neighbors, unknown_above)
     if not 0.0 < novelty_alpha < 1.0:
         msg = f"novelty_alpha must be in (0, 1), got {novelty_alpha!r}; the default is 0.01."
         raise ValueError(msg)

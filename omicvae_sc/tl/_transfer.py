@@ -133,11 +133,7 @@ def _check(adata_ref: AnnData, adata_query: AnnData, labels_key: str, use_rep: s
         msg = (f"obsm[{use_rep!r}] has {dims[0]} columns in adata_ref and {dims[1]} in "
                "adata_query: the two latents must come from one model.")
         raise ValueError(msg)
-    if labels_key not in adata_ref.obs:
-        msg = (f"adata_ref.obs has no column {labels_key!r} (columns: "
-               f"{list(adata_ref.obs.columns)}).")
-        raise KeyError(msg)
-    check_vote(n_neighbors, unknown_above, int(adata_ref.obs[labels_key].notna().sum()))
+    check_vote(adata_ref, labels_key, n_neighbors, unknown_above)
     check_key_added(key_added)
     for z, name in ((adata_ref.obsm[use_rep], "adata_ref"),
                     (adata_query.obsm[use_rep], "adata_query")):
@@ -146,8 +142,14 @@ def _check(adata_ref: AnnData, adata_query: AnnData, labels_key: str, use_rep: s
             raise ValueError(msg)
 
 
-def check_vote(n_neighbors: int, unknown_above: float, n_labelled: int) -> None:
-    """The vote's settings for ``n_labelled`` labelled reference cells."""
+def check_vote(adata_ref: AnnData, labels_key: str, n_neighbors: int,
+               unknown_above: float) -> None:
+    """The reference's labels and the vote's settings."""
+    if labels_key not in adata_ref.obs:
+        msg = (f"adata_ref.obs has no column {labels_key!r} (columns: "
+               f"{list(adata_ref.obs.columns)[:10]}).")
+        raise KeyError(msg)
+    n_labelled = int(adata_ref.obs[labels_key].notna().sum())
     if not isinstance(n_neighbors, int | np.integer) or not 1 <= n_neighbors < n_labelled - 1:
         msg = (f"n_neighbors must be an integer in [1, {max(1, n_labelled - 2)}] for "
                f"{n_labelled} labelled reference cells, got {n_neighbors!r}.")
