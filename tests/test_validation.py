@@ -492,13 +492,23 @@ def test_genes_without_counts_are_kept_and_said(entry, synthetic):
 
 
 @ENTRY_POINTS
-def test_a_batch_of_one_cell_is_said(entry, synthetic):
+def test_a_batch_of_one_cell_is_rejected(entry, synthetic, adata_fingerprint):
     batch = synthetic.obs["batch"].astype(str).to_numpy().copy()
     batch[7] = "lonely"
     synthetic.obs["batch"] = batch
-    with pytest.warns(UserWarning, match=r"adata\.obs\['batch'\] has 1 category with a single "
-                                         r"cell \(\['lonely'\]\)"):
+    seen = adata_fingerprint(synthetic)
+    with pytest.raises(ValueError, match=r"adata\.obs\['batch'\] \(the batch\) has 1 batch of "
+                                         r"a single cell \(\['lonely'\]\)"):
         entry(synthetic, layer="counts", batch_key="batch")
+    assert adata_fingerprint(synthetic) == seen
+
+
+@ENTRY_POINTS
+def test_a_covariate_category_of_one_cell_is_said(entry, synthetic):
+    synthetic.obs["site"] = np.where(np.arange(synthetic.n_obs) == 7, "lonely", "main")
+    with pytest.warns(UserWarning, match=r"adata\.obs\['site'\] has 1 category with a single "
+                                         r"cell \(\['lonely'\]\)"):
+        entry(synthetic, layer="counts", categorical_covariate_keys=["site"])
 
 
 # ---------------------------------------------------------------------------- a trained model

@@ -14,6 +14,7 @@ from omicvae_sc.data._stream import BLOCK_ROWS
 from omicvae_sc.data._validate import (
     NON_INTEGER_ACCEPTED,
     check_anndata_object,
+    check_batch_sizes,
     checked_counts,
     warn_empty_genes,
     warn_small_categories,
@@ -128,7 +129,10 @@ def build_setup(
     for i, key in enumerate(keys):
         role = "batch_key" if i == 0 and batch_key is not None else "categorical_covariate_keys"
         col = obs_column(adata, key, role)
-        warn_small_categories(key, col.astype(str).to_numpy())
+        if role == "batch_key":
+            check_batch_sizes(key, col.astype(str).to_numpy())
+        else:
+            warn_small_categories(key, col.astype(str).to_numpy())
         if isinstance(col.dtype, pd.CategoricalDtype):
             cats = col.cat.remove_unused_categories().cat.categories.astype(str)
         else:

@@ -164,6 +164,19 @@ def warn_small_categories(key: str, values: np.ndarray) -> None:
         warnings.warn(msg, UserWarning, stacklevel=2)
 
 
+def check_batch_sizes(key: str, values: np.ndarray) -> None:
+    """Raise when a batch holds a single cell: its batch effect could not be told apart from
+    that cell's own biology, so the cell would be 'corrected' into anything."""
+    cats, counts = np.unique(values, return_counts=True)
+    single = cats[counts == 1]
+    if single.size:
+        msg = (f"adata.obs[{key!r}] (the batch) has {single.size} batch"
+               f"{'' if single.size == 1 else 'es'} of a single cell ({single[:3].tolist()}): "
+               "a batch effect cannot be learned from one cell, which would be corrected into "
+               "anything. Merge it into the batch it was processed with, or drop the cell.")
+        raise ValueError(msg)
+
+
 def checked_counts(adata: AnnData, layer: str | None, where: str, *,
                    allow_non_integer: bool = False, columns: np.ndarray | None = None):
     """The counts of ``adata`` ready to read, of the genes ``columns`` (positions; ``None``:
