@@ -152,10 +152,14 @@ def warn_empty_genes(adata: AnnData, per_gene: np.ndarray, where: str) -> None:
         warnings.warn(msg, UserWarning, stacklevel=3)
 
 
+def _single_cell_categories(values: np.ndarray) -> np.ndarray:
+    cats, counts = np.unique(values, return_counts=True)
+    return cats[counts == 1]
+
+
 def warn_small_categories(key: str, values: np.ndarray) -> None:
     """Warn when a covariate category holds a single cell: its effect rests on that cell."""
-    cats, counts = np.unique(values, return_counts=True)
-    single = cats[counts == 1]
+    single = _single_cell_categories(values)
     if single.size:
         msg = (f"adata.obs[{key!r}] has {single.size} categor{'y' if single.size == 1 else 'ies'} "
                f"with a single cell ({single[:3].tolist()}); the decoder learns that category's "
@@ -167,8 +171,7 @@ def warn_small_categories(key: str, values: np.ndarray) -> None:
 def check_batch_sizes(key: str, values: np.ndarray) -> None:
     """Raise when a batch holds a single cell: its batch effect could not be told apart from
     that cell's own biology, so the cell would be 'corrected' into anything."""
-    cats, counts = np.unique(values, return_counts=True)
-    single = cats[counts == 1]
+    single = _single_cell_categories(values)
     if single.size:
         msg = (f"adata.obs[{key!r}] (the batch) has {single.size} batch"
                f"{'' if single.size == 1 else 'es'} of a single cell ({single[:3].tolist()}): "

@@ -22,7 +22,7 @@ from anndata import AnnData
 
 from omicvae_sc.data import AnnDataSetup, RowReader, check_anndata_object, checked_counts
 from omicvae_sc.data._setup import obs_column
-from omicvae_sc.data._validate import warn_small_categories
+from omicvae_sc.data._validate import check_batch_sizes, warn_small_categories
 from omicvae_sc.module import UNFREEZE, VAE, freeze, new_entries
 
 MIN_GENE_OVERLAP = 0.5
@@ -226,7 +226,10 @@ def query_setup(reference: AnnDataSetup, adata: AnnData, columns: dict[str, str]
     categories = []
     for key, known in zip(reference.covariate_keys, reference.categories, strict=True):
         values = adata.obs[columns[key]].astype(str).to_numpy()
-        warn_small_categories(columns[key], values)
+        if key == reference.batch_key:
+            check_batch_sizes(columns[key], values)
+        else:
+            warn_small_categories(columns[key], values)
         new = sorted(set(np.unique(values)) - set(known))
         categories.append(tuple(known) + tuple(new))
     return AnnDataSetup(layer=reference.layer, batch_key=reference.batch_key,
