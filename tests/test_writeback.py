@@ -323,3 +323,9 @@ def test_a_stage_bar_counts_every_cell_of_every_pass(synthetic, monkeypatch):
         assert counted.n_genes == data.n_genes  # the rest is the data's own
     with _runtime.cell_progress(data, "off", enabled=False) as plain:
         assert plain is data
+    # a pass shared with other processes: this one computes rows 0:100 of one pass in two
+    with _runtime.cell_progress(data, "shared", enabled=True, passes=2) as counted:
+        assert sum(len(x) for x, _ in counted.batches(64, shuffle=False)) == 300
+        part = counted.part(0, 100)
+        assert sum(len(x) for x, _ in part.batches(64, shuffle=False)) == 100
+        assert counted._bar.n == counted._bar.total == 400

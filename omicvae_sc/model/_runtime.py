@@ -105,6 +105,10 @@ class _Counted:
         return getattr(self._data, name)
 
     def part(self, lo: int, hi: int) -> _Counted:
+        """Rows ``lo:hi``, for a pass this process shares with others (torchrun): the bar
+        counts only the cells it computes, so that it ends full."""
+        self._bar.total -= self._data.n_cells - (hi - lo)
+        self._bar.refresh()
         return _Counted(self._data.part(lo, hi), self._bar)
 
     def batches(self, batch_size: int, **kwargs):
