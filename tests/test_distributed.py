@@ -383,3 +383,13 @@ def test_the_readmes_training_script_runs_under_torchrun(tmp_path):
     model = ov.OmicVAE.load(tmp_path / "atlas_model", ad.read_h5ad(tmp_path / "cells.h5ad"))
     assert model.is_trained and len(model.history) == 10
     assert (tmp_path / "checkpoints" / "checkpoint.pt").is_file()
+
+
+def test_values_compared_across_processes_stay_apart_beyond_float_precision():
+    from omicvae_sc.train._distributed import _comparable
+
+    big = 2**60
+    assert float(big) == float(big + 1)  # what a plain float64 comparison would miss
+    assert _comparable(big) != _comparable(big + 1)
+    assert _comparable(big) == _comparable(big)
+    assert _comparable(12345) == 12345.0 and _comparable(0.25) == 0.25

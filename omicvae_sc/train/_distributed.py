@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import inspect
 import os
 import sys
@@ -156,7 +157,7 @@ class Team:
     def agree(self, **values: int | float) -> None:
         """Raise ``ValueError`` unless every process has the same ``values`` (the data's
         size, the settings): processes given other data would train different models."""
-        mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64,
+        mine = torch.tensor([_comparable(v) for v in values.values()], dtype=torch.float64,
                             device=self.device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
@@ -172,9 +173,12 @@ class Team:
 
     def average_buffers(self, module: nn.Module) -> None:
         """Replace the BatchNorm running statistics by their mean over the processes (per
-        process BatchNorm: ``sync_batchnorm=False``)."""
+        process BatchNorm: ``sync_batchnorm=False``); those a query's model keeps frozen
+        (the reference's) are left as they are."""
+        frozen = set(getattr(module, "frozen_norms", ()))
         for name, buf in module.named_buffers():
-            if buf.is_floating_point() and name.endswith(("running_mean", "running_var")):
+            if buf.is_floating_point() and name.endswith(("running_mean", "running_var")) \
+                    and name.rsplit(".", 1)[0] not in frozen:
                 self.sum_(buf).div_(self.world)
 
     def gather_rows(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
@@ -251,6 +255,15 @@ class Team:
         finally:
             self._watch.stop()
             self._watch = None
+
+
+def _comparable(value: int | float) -> float:
+    """``value`` as a float64 that differs whenever two values differ: integers beyond 2^53
+    (a seed from ``secrets.randbits``) are compared through a 52-bit digest."""
+    if isinstance(value, int) and abs(value) >= 2**53:
+        digest = hashlib.sha256(str(value).encode()).digest()
+        return float(int.from_bytes(digest[:7], "little") >> 4) + 2.0**53  # apart from small
+    return float(value)
 
 
 def part_of(n: int, rank: int, world: int) -> tuple[int, int]:
