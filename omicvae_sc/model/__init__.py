@@ -13,6 +13,7 @@ from omicvae_sc.model._novelty import (
     neighbour_distance_ratio,
 )
 from omicvae_sc.model._omicvae import OmicVAE
+from omicvae_sc.model._query import aligned_anndata
 from omicvae_sc.model._refine import RefinedLatent
 from omicvae_sc.model._results import (
     LOG_LIKELIHOOD_SAMPLES,
@@ -32,6 +33,7 @@ __all__ = [
     "OmicVAE",
     "RefinedLatent",
     "ResultOptions",
+    "aligned_anndata",
     "check_denoised_target",
     "combine_novelty",
     "neighbour_distance_ratio",

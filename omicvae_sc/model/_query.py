@@ -20,7 +20,13 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from omicvae_sc.data import AnnDataSetup, RowReader, check_anndata_object, checked_counts
+from omicvae_sc.data import (
+    BLOCK_ROWS,
+    AnnDataSetup,
+    RowReader,
+    check_anndata_object,
+    checked_counts,
+)
 from omicvae_sc.data._setup import obs_column
 from omicvae_sc.data._validate import check_batch_sizes, warn_small_categories
 from omicvae_sc.module import UNFREEZE, VAE, freeze, new_entries
@@ -149,35 +155,42 @@ def gene_positions(reference_genes: np.ndarray, query_genes: pd.Index,
 
 
 def _read_columns(adata: AnnData, layer: str | None, where: str, columns: np.ndarray,
-                  allow_non_integer: bool) -> sp.csr_matrix:
-    """The counts of the genes ``columns`` (increasing), checked, as float32 CSR in memory."""
+                  allow_non_integer: bool, rows: np.ndarray | None) -> sp.csr_matrix:
+    """The counts of the genes ``columns`` (increasing) of the cells ``rows`` (a boolean
+    mask; ``None``: all), checked, as float32 CSR in memory."""
     counts = checked_counts(adata, layer, where, allow_non_integer=allow_non_integer,
                             columns=columns)
-    if isinstance(counts, RowReader):
-        step = 8192
-        counts = sp.vstack([counts.read(lo, min(lo + step, counts.shape[0]))
-                            for lo in range(0, counts.shape[0], step)], format="csr")
-    return sp.csr_matrix(counts, dtype=np.float32)
+    if isinstance(counts, RowReader):  # on disk: a block at a time, its rows taken
+        return sp.vstack([block if rows is None else block[rows[lo:hi]]
+                          for lo, hi, block in counts.blocks(BLOCK_ROWS)], format="csr")
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    return counts if rows is None else counts[rows]
 
 
 def aligned_anndata(adata: AnnData, genes: np.ndarray, positions: np.ndarray, *,
-                    layer: str | None, covariates: dict[str, str],
-                    allow_non_integer: bool) -> AnnData:
-    """A new AnnData of ``adata``'s cells on the reference's ``genes``: counts (CSR, in
-    ``layers[layer]`` or ``X`` as the setup reads them) of the measured genes, zero columns
-    for the others (``positions`` -1), and ``obs`` with each covariate under the reference's
-    name (``covariates``: reference name -> the column of ``adata`` that holds it)."""
-    where = "adata_query.X" if layer is None else f"adata_query.layers[{layer!r}]"
+                    layer: str | None, covariates: dict[str, str], allow_non_integer: bool,
+                    source_layer=..., rows: np.ndarray | None = None,
+                    name: str = "adata_query") -> AnnData:
+    """A new AnnData of ``adata``'s cells (those of the mask ``rows``; ``None``: all) on the
+    model's ``genes``: counts (CSR, in ``layers[layer]`` or ``X`` as the query's setup reads
+    them; read from ``source_layer``, by default the same) of the genes at ``positions``, zero
+    columns where it is -1, and ``obs`` with each covariate under the reference's name
+    (``covariates``: reference name -> the column of ``adata`` that holds it). ``name`` is how
+    messages call ``adata``."""
+    source_layer = layer if source_layer is ... else source_layer
+    where = f"{name}.X" if source_layer is None else f"{name}.layers[{source_layer!r}]"
     present = np.flatnonzero(positions >= 0)
     order = np.argsort(positions[present], kind="stable")  # read in the file's order
-    read = _read_columns(adata, layer, where, positions[present][order], allow_non_integer)
-    target = present[order]  # the reference column of each column read
+    read = _read_columns(adata, source_layer, where, positions[present][order],
+                         allow_non_integer, rows)
+    target = present[order]  # the model's column of each column read
     coo = read.tocoo()
     counts = sp.csr_matrix((coo.data, (coo.row, target[coo.col])),
-                           shape=(adata.n_obs, len(genes)), dtype=np.float32)
-    obs = pd.DataFrame(index=adata.obs_names.copy())
-    for name, column in covariates.items():
-        obs[name] = adata.obs[column].to_numpy()
+                           shape=(read.shape[0], len(genes)), dtype=np.float32)
+    cells = slice(None) if rows is None else rows
+    obs = pd.DataFrame(index=adata.obs_names[cells].copy())
+    for key, column in covariates.items():
+        obs[key] = adata.obs[column].to_numpy()[cells]
     out = AnnData(X=counts if layer is None else None, obs=obs,
                   var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     if layer is not None:
@@ -185,10 +198,10 @@ def aligned_anndata(adata: AnnData, genes: np.ndarray, positions: np.ndarray, *,
         out.layers[layer] = counts
     library = np.asarray(counts.sum(1)).ravel()
     if (library == 0).any():
-        cell = adata.obs_names[int(np.flatnonzero(library == 0)[0])]
-        msg = (f"{int((library == 0).sum())} query cell(s) have no counts in the reference's "
+        cell = obs.index[int(np.flatnonzero(library == 0)[0])]
+        msg = (f"{int((library == 0).sum())} cell(s) of {name} have no counts in the model's "
                f"genes (first: {cell!r}); the model cannot place them. Remove them first, e.g. "
-               "adata_query = adata_query[counts_in_reference_genes > 0].copy().")
+               f"{name} = {name}[counts_in_those_genes > 0].copy().")
         raise ValueError(msg)
     return out
 
@@ -219,10 +232,11 @@ def covariate_columns(setup: AnnDataSetup, adata: AnnData, batch_key: str | None
     return columns
 
 
-def query_setup(reference: AnnDataSetup, adata: AnnData, columns: dict[str, str]
-                ) -> AnnDataSetup:
-    """The reference's setup with each covariate's new query categories appended (reference
-    categories keep their codes; the new ones follow in sorted order)."""
+def query_setup(reference: AnnDataSetup, adata: AnnData, columns: dict[str, str],
+                layer: str | None) -> AnnDataSetup:
+    """The reference's setup with the query's counts ``layer`` and each covariate's new query
+    categories appended (reference categories keep their codes; the new ones follow in sorted
+    order)."""
     categories = []
     for key, known in zip(reference.covariate_keys, reference.categories, strict=True):
         values = adata.obs[columns[key]].astype(str).to_numpy()
@@ -232,7 +246,7 @@ def query_setup(reference: AnnDataSetup, adata: AnnData, columns: dict[str, str]
             warn_small_categories(columns[key], values)
         new = sorted(set(np.unique(values)) - set(known))
         categories.append(tuple(known) + tuple(new))
-    return AnnDataSetup(layer=reference.layer, batch_key=reference.batch_key,
+    return AnnDataSetup(layer=layer, batch_key=reference.batch_key,
                         covariate_keys=reference.covariate_keys, categories=tuple(categories),
                         allow_non_integer=reference.allow_non_integer, genes=None)
 
@@ -245,8 +259,7 @@ def warn_missing(missing: np.ndarray, n_genes: int) -> None:
         warnings.warn(msg, UserWarning, stacklevel=3)
 
 
-def check_query_object(adata: AnnData, layer: str | None) -> None:
-    check_anndata_object(adata)
+def check_query_layer(adata: AnnData, layer: str | None) -> None:
     if layer is not None and layer not in adata.layers:
         msg = (f"adata_query has no layer {layer!r}, where the reference read its counts; "
                f"pass layer= naming the query's raw counts (layers: {list(adata.layers)}; "
@@ -310,14 +323,10 @@ def query_layout(adata_query: AnnData, parts: ReferenceParts, layer: str | None,
         ref_layer = parts.setup.layer
         layer = ref_layer if ref_layer is not None and ref_layer in adata_query.layers \
             else None
-    check_query_object(adata_query, layer)
-    positions = gene_positions(parts.var_names, adata_query.var_names,
-                                      min_gene_overlap)
+    check_query_layer(adata_query, layer)
+    positions = gene_positions(parts.var_names, adata_query.var_names, min_gene_overlap)
     columns = covariate_columns(parts.setup, adata_query, batch_key)
-    setup = query_setup(parts.setup, adata_query, columns)
-    setup = AnnDataSetup(layer=layer, batch_key=setup.batch_key,
-                         covariate_keys=setup.covariate_keys, categories=setup.categories,
-                         allow_non_integer=setup.allow_non_integer)
+    setup = query_setup(parts.setup, adata_query, columns, layer)
     warn_missing(parts.var_names[positions < 0], len(parts.var_names))
     return layer, positions, columns, setup
 

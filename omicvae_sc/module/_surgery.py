@@ -98,7 +98,7 @@ def freeze(module: VAE, entries: dict[str, torch.Tensor], unfreeze: str) -> None
     if unfreeze == "all":
         for p in params.values():
             p.requires_grad_(True)
-        module.set_frozen(partial={}, norms=())
+        module.set_frozen(partial=(), norms=())
         return
     whole = set()
     norms = [name for name, m in module.named_modules() if isinstance(m, nn.BatchNorm1d)]
@@ -106,15 +106,14 @@ def freeze(module: VAE, entries: dict[str, torch.Tensor], unfreeze: str) -> None
         whole = {name for name in params if name.startswith(("encoder.body.net.0.",
                                                              "encoder.body.net.1."))}
         norms = [name for name in norms if name != "encoder.body.net.1"]
-    partial = {}
+    partial = []
     for name, p in params.items():
-        trainable = name in whole or name in entries
-        p.requires_grad_(trainable)
+        p.requires_grad_(name in whole or name in entries)
         if name in entries and name not in whole:
             mask = entries[name].to(device=p.device, dtype=p.dtype)
-            partial[name] = mask
             p.register_hook(lambda grad, mask=mask: grad * mask)
-    module.set_frozen(partial=partial, norms=tuple(norms))
+            partial.append(name)
+    module.set_frozen(partial=tuple(partial), norms=tuple(norms))
 
 
 def parameter_groups(module: VAE, weight_decay: float) -> list[dict]:

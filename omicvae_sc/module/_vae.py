@@ -150,7 +150,7 @@ class VAE(nn.Module):
         # log inverse dispersion; theta = exp(log_theta) starts at 1
         self.log_theta = nn.Parameter(torch.zeros(n_rows, n_genes))
         self.missing_genes: torch.Tensor | None = None  # see mask_genes
-        self.set_frozen(partial={}, norms=())
+        self.set_frozen(partial=(), norms=())
 
     # ------------------------------------------------------------------ query surgery
     def mask_genes(self, missing: torch.Tensor | None) -> None:
@@ -162,11 +162,11 @@ class VAE(nn.Module):
         self.missing_genes = None if missing is None or not bool(missing.any()) else (
             missing.to(torch.bool))
 
-    def set_frozen(self, *, partial: dict[str, torch.Tensor], norms: tuple[str, ...]) -> None:
-        """Record what query surgery froze (:func:`~._surgery.freeze`): the masks of the
-        trainable entries of partly frozen tensors, and the BatchNorm layers that stay in
-        evaluation mode while training."""
-        self.frozen_partial = dict(partial)
+    def set_frozen(self, *, partial: tuple[str, ...], norms: tuple[str, ...]) -> None:
+        """Record what query surgery froze (:func:`~._surgery.freeze`): the names of the
+        partly frozen parameters (their frozen entries' gradients are masked), and the
+        BatchNorm layers that stay in evaluation mode while training."""
+        self.frozen_partial = tuple(partial)
         self.frozen_norms = tuple(norms)
 
     def train(self, mode: bool = True) -> VAE:

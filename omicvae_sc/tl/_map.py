@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 from scipy.spatial import cKDTree
 
 from omicvae_sc.data import (
-    RowReader,
     check_anndata_object,
     check_key_added,
-    checked_counts,
     holds_disk_arrays,
 )
 from omicvae_sc.data._writeback import write_keys
@@ -27,6 +24,7 @@ from omicvae_sc.model import (
     NOVELTY_NEIGHBORS,
     Novelty,
     OmicVAE,
+    aligned_anndata,
     combine_novelty,
     neighbour_distance_ratio,
 )
@@ -67,41 +65,19 @@ def _calibration_cells(model: OmicVAE, n_ref: int, seed: int) -> np.ndarray:
 
 def _as_query(adata_ref: AnnData, reference: OmicVAE, query: OmicVAE,
               cells: np.ndarray) -> AnnData:
-    """Reference ``cells`` as the query measured them: only the genes the query has, counts
-    where the query's model reads them, the covariates under the reference's names."""
-    missing = set(query.missing_genes)
-    keep = np.flatnonzero([g not in missing for g in reference.var_names])
-    where = ("adata_ref.X" if reference.setup.layer is None
-             else f"adata_ref.layers[{reference.setup.layer!r}]")
-    columns = pd.Index(np.asarray(adata_ref.var_names, dtype=str)).get_indexer(
-        reference.var_names[keep])
-    if (columns < 0).any():
+    """Reference ``cells`` (a mask) as the query measured them: the genes the query did not
+    measure zeroed, counts where the query's model reads them."""
+    positions = pd.Index(np.asarray(adata_ref.var_names, dtype=str)).get_indexer(
+        reference.var_names)
+    if (positions < 0).any():
         msg = "adata_ref lacks genes of the reference model; pass the AnnData it was trained on."
         raise ValueError(msg)
-    order = np.argsort(columns, kind="stable")
-    counts = checked_counts(adata_ref, reference.setup.layer, where,
-                            allow_non_integer=reference.setup.allow_non_integer,
-                            columns=columns[order])
-    rows = np.flatnonzero(cells)
-    if isinstance(counts, RowReader):
-        step = 8192
-        counts = sp.vstack([counts.read(lo, min(lo + step, counts.shape[0]))[
-            rows[(rows >= lo) & (rows < lo + step)] - lo]
-            for lo in range(0, counts.shape[0], step)], format="csr")
-    else:
-        counts = sp.csr_matrix(counts)[rows]
-    counts = counts[:, np.argsort(order)]  # back to the reference's gene order
-    obs = pd.DataFrame(index=adata_ref.obs_names[rows].copy())
-    for key in reference.setup.covariate_keys:
-        obs[key] = adata_ref.obs[key].to_numpy()[rows]
-    var = pd.DataFrame(index=pd.Index(reference.var_names[keep], dtype=str))
-    layer = query.setup.layer
-    out = AnnData(X=sp.csr_matrix(counts, dtype=np.float32) if layer is None else None,
-                  obs=obs, var=var)
-    if layer is not None:
-        out.X = sp.csr_matrix(counts.shape, dtype=np.float32)
-        out.layers[layer] = sp.csr_matrix(counts, dtype=np.float32)
-    return out
+    positions[np.isin(reference.var_names, np.asarray(query.missing_genes, dtype=str))] = -1
+    return aligned_anndata(adata_ref, reference.var_names, positions,
+                           layer=query.setup.layer, source_layer=reference.setup.layer,
+                           covariates={k: k for k in reference.setup.covariate_keys},
+                           allow_non_integer=reference.setup.allow_non_integer, rows=cells,
+                           name="adata_ref")
 
 
 def _novelty(query: OmicVAE, reference: OmicVAE, adata_query: AnnData, adata_ref: AnnData,
