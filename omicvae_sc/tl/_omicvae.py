@@ -43,6 +43,10 @@ def omicvae(
         Layer with the raw counts (``None``: ``adata.X``).
     batch_key
         ``adata.obs`` column with the batch, explained by the decoder rather than the latent.
+        Early stopping keeps the weights of the best held-out ELBO, which is not the point of
+        best batch mixing: to integrate batches, ``train_kwargs={"early_stopping": False}``
+        trains for every epoch as scVI does (scIB total 0.864 against 0.816 on CellBench;
+        benchmarks/README.md, "Integration").
     categorical_covariate_keys
         Further categorical ``adata.obs`` columns given to the decoder.
     n_latent
