@@ -226,3 +226,14 @@ def covariate_codes(adata: AnnData, setup: AnnDataSetup) -> np.ndarray | None:
             raise ValueError(msg)
         codes[:, j] = index
     return codes
+
+
+def group_labels(adata: AnnData, groupby: str) -> pd.Series:
+    """``adata.obs[groupby]`` as the groups of a comparison; cells without a value belong to no
+    group (unlike a covariate, where they are an error)."""
+    if groupby not in adata.obs.columns:
+        cols = list(adata.obs.columns)
+        shown = cols[:10] + (["..."] if len(cols) > 10 else [])
+        msg = f"adata.obs has no column {groupby!r} (passed as groupby); available: {shown}."
+        raise KeyError(msg)
+    return adata.obs[groupby]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from omicvae_sc.data._disk import is_on_disk
@@ -179,3 +180,36 @@ def write_keys(
     added = [f"{attr}[{k!r}]" for attr, d in (("obs", obs), ("obsm", obsm), ("uns", uns))
              for k in (d or {})]
     logger.info("omicvae_sc added %s", ", ".join(added))
+
+
+def rank_genes_groups_layout(tables: dict[str, pd.DataFrame], params: dict) -> dict:
+    """Tables of :mod:`omicvae_sc.model._de` (one per group, against its reference) as scanpy's
+    ``rank_genes_groups`` stores its results, so that ``sc.get.rank_genes_groups_df`` and
+    ``sc.pl.rank_genes_groups_*`` read them: per group, the genes ordered up-regulated first
+    (by the signed probability of a change, then the LFC), ``scores`` that signed probability,
+    ``logfoldchanges`` the posterior mean LFC, ``pvals`` the posterior probability of no change
+    and ``pvals_adj`` the q-value (the posterior expected FDR rule); ``pts`` and ``pts_rest``
+    the shares of cells with the gene detected. The model's own columns follow under their
+    names (``proba_de``, ``lfc_low``, ``lfc_high``, ``mean1``, ``mean2``)."""
+    ordered = {}
+    for group, table in tables.items():
+        lfc = table["lfc_mean"].to_numpy()
+        score = np.sign(lfc) * table["proba_de"].to_numpy()
+        order = np.lexsort((-lfc, -score))
+        ordered[group] = table.iloc[order].assign(scores=score[order])
+    fields = {"names": None, "scores": "scores", "logfoldchanges": "lfc_mean",
+              "pvals": "proba_not_de", "pvals_adj": "qvalue", "proba_de": "proba_de",
+              "lfc_low": "lfc_low", "lfc_high": "lfc_high", "mean1": "mean1", "mean2": "mean2"}
+    out: dict = {"params": params}
+    for name, column in fields.items():
+        frame = pd.DataFrame({g: (t.index.to_numpy(dtype=object) if column is None
+                                  else t[column].to_numpy(dtype=np.float32))
+                              for g, t in ordered.items()})
+        out[name] = frame.to_records(index=False,
+                                     column_dtypes="O" if column is None else "float32")
+    first = next(iter(tables.values()))
+    out["pts"] = pd.DataFrame({g: t["pct_nonzero1"] for g, t in tables.items()},
+                              index=first.index.copy())
+    out["pts_rest"] = pd.DataFrame({g: t["pct_nonzero2"] for g, t in tables.items()},
+                                   index=first.index.copy())
+    return out

@@ -1,5 +1,6 @@
 """Scanpy-style one-call tools."""
 
+from omicvae_sc.tl._de import differential_expression
 from omicvae_sc.tl._map import map_query
 from omicvae_sc.tl._mixing import batch_mixing
 from omicvae_sc.tl._omicvae import omicvae
@@ -9,6 +10,7 @@ from omicvae_sc.tl._transfer import transfer_labels
 
 __all__ = [
     "batch_mixing",
+    "differential_expression",
     "latent_stability",
     "map_query",
     "omicvae",
