@@ -186,16 +186,18 @@ def rank_genes_groups_layout(tables: dict[str, pd.DataFrame], params: dict) -> d
     """Tables of :mod:`omicvae_sc.model._de` (one per group, against its reference) as scanpy's
     ``rank_genes_groups`` stores its results, so that ``sc.get.rank_genes_groups_df`` and
     ``sc.pl.rank_genes_groups_*`` read them: per group, the genes ordered up-regulated first
-    (by the signed probability of a change, then the LFC), ``scores`` that signed probability,
+    (by the signed probability of a change, then by how far the LFC's credible interval lies
+    from 0), ``scores`` that signed probability,
     ``logfoldchanges`` the posterior mean LFC, ``pvals`` the posterior probability of no change
     and ``pvals_adj`` the q-value (the posterior expected FDR rule); ``pts`` and ``pts_rest``
     the shares of cells with the gene detected. The model's own columns follow under their
     names (``proba_de``, ``lfc_low``, ``lfc_high``, ``mean1``, ``mean2``)."""
     ordered = {}
     for group, table in tables.items():
-        lfc = table["lfc_mean"].to_numpy()
-        score = np.sign(lfc) * table["proba_de"].to_numpy()
-        order = np.lexsort((-lfc, -score))
+        low, high = table["lfc_low"].to_numpy(), table["lfc_high"].to_numpy()
+        clear = np.where(low > 0, low, np.where(high < 0, high, 0.0))  # signed clear effect
+        score = np.sign(table["lfc_mean"].to_numpy()) * table["proba_de"].to_numpy()
+        order = np.lexsort((-clear, -score))
         ordered[group] = table.iloc[order].assign(scores=score[order])
     fields = {"names": None, "scores": "scores", "logfoldchanges": "lfc_mean",
               "pvals": "proba_not_de", "pvals_adj": "qvalue", "proba_de": "proba_de",

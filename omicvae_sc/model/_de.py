@@ -22,6 +22,7 @@ expression varies from cell to cell. Here a null split calls almost nothing (tes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from omicvae_sc.data import count_source
+from omicvae_sc.data import (
+    check_key_added,
+    count_source,
+    group_labels,
+    rank_genes_groups_layout,
+    write_uns,
+)
 from omicvae_sc.model._outputs import cell_chunks
 from omicvae_sc.model._runtime import seeded
 from omicvae_sc.model._shrink import shrink
@@ -60,13 +67,23 @@ COLUMNS = {
 
 @dataclass(frozen=True)
 class GroupDraws:
-    """Posterior draws of one group's mean expression fractions and what was read."""
+    """Bootstrap draws of one group's weighted means (``(n_samples, n_genes)`` each, float64)
+    and what was read. A group's mean expression is ``fraction * observed / expected``: the
+    model's mean fraction, times how far the counts lie above or below the counts it expects
+    for those cells (see :func:`group_draws`)."""
 
-    draws: np.ndarray  # (n_samples, n_genes) float64
+    fraction: np.ndarray  # mean expression fraction, decoded in the compared batches
+    observed: np.ndarray  # mean count
+    expected: np.ndarray  # mean expected count in the cells' own batches
     n_cells: int  # cells of the group (all, not only those read)
     nonzero: np.ndarray  # (n_genes,) cells read with a non-zero count
     n_read: int  # cells read (at most max_cells)
     libraries: np.ndarray  # (n_read,) library sizes of the cells read
+
+    @property
+    def draws(self) -> np.ndarray:
+        """Draws of the group's mean expression fraction, ``(n_samples, n_genes)``."""
+        return self.fraction * self.observed / np.maximum(self.expected, 1e-30)
 
 
 def pick_cells(members: np.ndarray, max_cells: int | None, rng: np.random.Generator
@@ -77,59 +94,85 @@ def pick_cells(members: np.ndarray, max_cells: int | None, rng: np.random.Genera
     return np.sort(rng.choice(members, size=max_cells, replace=False))
 
 
-def _predictive(module: VAE, z: torch.Tensor, library: torch.Tensor,
-                codes: torch.Tensor | None, batch_codes: tuple[int, ...] | None
-                ) -> torch.Tensor:
-    """Normalized counts (count / library) drawn from p(x | z) at each cell's library for the
-    latent draws ``z`` ``(draws, cells, latent)`` -> ``(draws, cells, genes)``: in the cells'
-    own covariates, or averaged over the batches ``batch_codes``. Drawn counts, not the
-    decoder's mean: their spread over a group's cells is the spread of real cells, so the
-    bootstrap of the group's mean is as uncertain as the data make it."""
+def _fractions(module: VAE, z: torch.Tensor, library: torch.Tensor,
+               codes: torch.Tensor | None) -> torch.Tensor:
+    """The share of the library the counts are expected to hold, ``(rows, genes)`` (float32)
+    for flat draws ``z``: the expression fraction, under ZINB times the chance that an entry
+    is not a structural zero (the scale of the counts, which the group means are compared
+    on)."""
+    params = module.generative(z, library, codes)
+    frac = torch.softmax(params.logits.float(), dim=-1)
+    if params.zi_logits is not None:
+        frac = frac * torch.sigmoid(-params.zi_logits.float())
+    return frac
+
+
+def decoded(module: VAE, z: torch.Tensor, library: torch.Tensor, codes: torch.Tensor | None,
+            batch_codes: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For latent draws ``z`` ``(draws, cells, latent)``: the shares of :func:`_fractions` in
+    the cells' own covariates, and averaged over the batches ``batch_codes`` (without them:
+    the same), each ``(draws, cells, genes)``."""
     draws, cells = z.shape[:2]
     flat = z.reshape(draws * cells, -1)
     lib = library.repeat(draws, 1)  # (draws * cells, 1), draw-major as ``flat``
     rep = None if codes is None else codes.repeat(draws, 1)
-    settings = [rep] if batch_codes is None else []
-    for b in batch_codes or ():
+    own = _fractions(module, flat, lib, rep)
+    if batch_codes is None:
+        return own.reshape(draws, cells, -1), own.reshape(draws, cells, -1)
+    mixture = None
+    for b in batch_codes:
         in_b = rep.clone()
         in_b[:, 0] = b
-        settings.append(in_b)
-    total = None
-    for cov in settings:
-        counts = module.generative(flat, lib, cov).distribution().sample()
-        total = counts if total is None else total.add_(counts)
-    return total.div_(lib * len(settings)).reshape(draws, cells, -1)
+        frac = _fractions(module, flat, lib, in_b)
+        mixture = frac if mixture is None else mixture.add_(frac)
+    mixture.div_(len(batch_codes))
+    return own.reshape(draws, cells, -1), mixture.reshape(draws, cells, -1)
 
 
 @torch.inference_mode()
 def group_draws(module: VAE, data, n_cells: int, n_samples: int, seed: int,
                 batch_codes: tuple[int, ...] | None) -> GroupDraws:
-    """Draws of the mean normalized expression of the cells ``data`` serves (a subset of a
-    group of ``n_cells``), chunk by chunk of cells: memory holds ``n_samples x n_genes`` sums
-    and one chunk's draws."""
+    """Bootstrap draws of the cells ``data`` serves (a subset of a group of ``n_cells``).
+
+    Draw s weighs the cells by Bayesian-bootstrap weights w and reads each cell at latent
+    draw s % 20: the mean fraction sum(w rho~) / sum(w) (rho~ decoded in the compared
+    batches), the mean count sum(w x) / sum(w) and the mean expected count
+    sum(w l rho) / sum(w) (rho in the cell's own batch, l its library). Their product
+    ``fraction * observed / expected`` is the model's group mean corrected by the counts: a
+    difference the latent does not carry is still in the counts, while the cell-to-cell
+    variation the model explains (which cells of which state a group holds) is no longer
+    noise. Chunk by chunk of cells; memory holds three ``n_samples x n_genes`` sums (float32:
+    sums of at most ``max_cells`` cells)."""
     rng = np.random.default_rng(seed)
     weights = rng.standard_gamma(1.0, size=(n_samples, data.n_cells)).astype(np.float32)
     device = data.device
     draws = min(LATENT_DRAWS, n_samples)
-    sums = torch.zeros(n_samples, data.n_genes, dtype=torch.float64, device=device)
+    rounds = -(-n_samples // draws)
+    sums = torch.zeros(3, n_samples, data.n_genes, device=device)  # (sums of <= max_cells)
     nonzero = torch.zeros(data.n_genes, dtype=torch.float64, device=device)
     libraries, lo = [], 0
-    per_cell = draws * (3 if batch_codes else 2)
     with seeded(seed, device):
-        for x, codes in cell_chunks(data, per_cell):
+        for x, codes in cell_chunks(data, draws * (3 if batch_codes else 2)):
             hi = lo + x.shape[0]
             posterior = module.inference(x, codes)
             z = posterior.sample(torch.randn((draws, *posterior.mean.shape), device=device))
-            library = x.sum(1, keepdim=True).clamp_min(1.0)  # (c, 1)
-            norm = _predictive(module, z, library, codes, batch_codes)  # (d, c, g)
+            library = x.sum(1, keepdim=True)  # (c, 1)
+            own, mixed = decoded(module, z, library, codes, batch_codes)  # (d, c, g) each
             w = torch.as_tensor(weights[:, lo:hi], device=device)  # (n_samples, c)
-            for j in range(draws):  # draws j, j + d, j + 2d, ... read latent draw j
-                sums[j::draws] += (w[j::draws] @ norm[j]).double()
+            sums[1] += w @ x
+            # draw s reads latent draw s % d: weights as (d, rounds, c), one product per draw
+            by_draw = torch.zeros(rounds * draws, w.shape[1], device=device)
+            by_draw[:n_samples] = w
+            by_draw = by_draw.reshape(rounds, draws, -1).transpose(0, 1)
+            for k, values in ((0, mixed), (2, own * library)):
+                part = torch.bmm(by_draw, values).transpose(0, 1).reshape(rounds * draws, -1)
+                sums[k] += part[:n_samples]
             nonzero += (x > 0).sum(0).double()
-            libraries.append(x.sum(1).cpu().numpy())
+            libraries.append(library[:, 0].cpu().numpy())
             lo = hi
     total = torch.as_tensor(weights.sum(1, dtype=np.float64), device=device)[:, None]
-    return GroupDraws((sums / total).cpu().numpy(), n_cells, nonzero.cpu().numpy(), lo,
+    fraction, observed, expected = (sums.double() / total).cpu().numpy()
+    return GroupDraws(fraction, observed, expected, n_cells, nonzero.cpu().numpy(), lo,
                       np.concatenate(libraries))
 
 
@@ -138,18 +181,30 @@ def pooled(groups: list[GroupDraws], seed: int) -> GroupDraws:
     Gamma(n_k) total, which is what Bayesian-bootstrap weights over all their cells add up to
     (so a group read from a subset of its cells still counts with all of them)."""
     rng = np.random.default_rng(seed)
-    n_samples = groups[0].draws.shape[0]
+    n_samples = groups[0].observed.shape[0]
     totals = np.stack([rng.standard_gamma(g.n_cells, size=n_samples) for g in groups])
     totals /= totals.sum(0)  # (groups, n_samples)
-    draws = sum(t[:, None] * g.draws for t, g in zip(totals, groups, strict=True))
-    return GroupDraws(draws, sum(g.n_cells for g in groups),
-                      sum(g.nonzero for g in groups), sum(g.n_read for g in groups),
+
+    def mix(name: str) -> np.ndarray:
+        return sum(t[:, None] * getattr(g, name) for t, g in zip(totals, groups, strict=True))
+
+    return GroupDraws(mix("fraction"), mix("observed"), mix("expected"),
+                      sum(g.n_cells for g in groups), sum(g.nonzero for g in groups),
+                      sum(g.n_read for g in groups),
                       np.concatenate([g.libraries for g in groups]))
 
 
-def ranking(proba: np.ndarray, lfc_mean: np.ndarray) -> np.ndarray:
-    """Gene positions, most probable change first, ties by the larger |mean LFC|."""
-    return np.lexsort((-np.abs(lfc_mean), -proba))
+def clear_effect(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """How far the credible interval of the LFC lies from 0 (0 when it holds 0): the change
+    the data leave no doubt about, signed by its direction."""
+    return np.where(low > 0, low, np.where(high < 0, high, 0.0))
+
+
+def ranking(proba: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Gene positions, most probable change first; ties (many genes are certain between two
+    cell types) by the larger clear effect (:func:`clear_effect`), so that a gene with a
+    large change measured on many counts comes before a large change measured on few."""
+    return np.lexsort((-np.abs(clear_effect(low, high)), -proba))
 
 
 def compare(one: GroupDraws, two: GroupDraws, genes: np.ndarray, *, mode: str, delta: float,
@@ -165,15 +220,15 @@ def compare(one: GroupDraws, two: GroupDraws, genes: np.ndarray, *, mode: str, d
         proba = post.prob_outside(delta)
     else:
         proba = np.maximum(post.prob_positive(), post.prob_negative())
+    low, median, high = post.quantiles((CREDIBLE[0], 0.5, CREDIBLE[1]))
     table = pd.DataFrame({
         "proba_de": proba, "proba_not_de": 1.0 - proba, "lfc_mean": post.posterior_mean(),
-        "lfc_median": post.quantile(0.5), "lfc_std": post.posterior_sd(),
-        "lfc_low": post.quantile(CREDIBLE[0]), "lfc_high": post.quantile(CREDIBLE[1]),
+        "lfc_median": median, "lfc_std": post.posterior_sd(), "lfc_low": low, "lfc_high": high,
         "lfc_raw": raw, "mean1": one.draws.mean(0) * 1e4, "mean2": two.draws.mean(0) * 1e4,
         "pct_nonzero1": one.nonzero / max(one.n_read, 1),
         "pct_nonzero2": two.nonzero / max(two.n_read, 1),
     }, index=pd.Index(np.asarray(genes).astype(str), name="gene"))
-    order = ranking(proba, table["lfc_mean"].to_numpy())
+    order = ranking(proba, table["lfc_low"].to_numpy(), table["lfc_high"].to_numpy())
     table = table.iloc[order]
     # the expected share of false calls among the genes ranked up to each one: a running mean
     # of 1 - p over genes sorted by p, so it never falls down the list
@@ -266,11 +321,12 @@ def batches_compared(codes: np.ndarray | None, members: dict[str, np.ndarray],
     return tuple(int(b) for b in np.unique(codes[cells, 0]))
 
 
-def differential_tables(module: VAE, counts, codes: np.ndarray | None, device: torch.device,
-                        groups: list[str], asked: list[tuple[str, str | None]],
-                        members: dict[str, np.ndarray], genes: np.ndarray,
-                        request: DERequest, *, batch_codes: tuple[int, ...] | None,
-                        progress_bar: bool = True) -> dict[str, pd.DataFrame]:
+def differential_tables(module: VAE, counts, codes: np.ndarray | None, *,
+                        device: torch.device, groups: list[str],
+                        asked: list[tuple[str, str | None]], members: dict[str, np.ndarray],
+                        genes: np.ndarray, request: DERequest,
+                        batch_codes: tuple[int, ...] | None, progress_bar: bool = True,
+                        ) -> dict[str, pd.DataFrame]:
     """One table (:func:`compare`) per comparison in ``asked``, keyed by its first group.
     Each group's cells are read once; its draws depend only on the seed and the group, so a
     group against the rest gives the same table asked alone or with every group."""
@@ -297,3 +353,32 @@ def differential_tables(module: VAE, counts, codes: np.ndarray | None, device: t
         tables[g1] = compare(draws[g1], other, genes, mode=request.mode,
                              delta=request.delta, fdr=request.fdr)
     return tables
+
+
+def run(model, adata, groupby: str, group1, group2, request: DERequest, *,
+        key_added: str | None, progress_bar: bool) -> pd.DataFrame:
+    """``model.differential_expression``: check the request, compute one table per comparison
+    and, with ``key_added``, write them in scanpy's layout (nothing is written on an error);
+    the tables stacked, each with its ``group``."""
+    if not model.is_trained:
+        msg = "The model is not trained; call model.train() before differential_expression."
+        raise ValueError(msg)
+    request.check()
+    if key_added is not None:
+        check_key_added(key_added)
+    groups, asked, members = comparisons(group_labels(adata, groupby), groupby, group1, group2)
+    counts, codes = model._host_data(adata)  # model/ reads its own model's data
+    batch_codes = batches_compared(codes, members, request.batch_correction
+                                   and model.setup.batch_key is not None)
+    tables = differential_tables(
+        model.module, counts, codes, device=model.device, groups=groups, asked=asked,
+        members=members, genes=model.var_names, request=request, batch_codes=batch_codes,
+        progress_bar=progress_bar)
+    if key_added is not None:
+        params = {"groupby": groupby, "reference": "rest" if group2 is None else str(group2),
+                  "method": f"omicvae_sc {request.mode}", "use_raw": False,
+                  "layer": model.setup.layer, "corr_method": "posterior expected FDR",
+                  **dataclasses.asdict(request)}
+        params = {k: v for k, v in params.items() if v is not None}  # h5ad has no None
+        write_uns(adata, key_added, rank_genes_groups_layout(tables, params))
+    return pd.concat([t.assign(group=g)[["group", *t.columns]] for g, t in tables.items()])

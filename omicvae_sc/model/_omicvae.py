@@ -9,7 +9,6 @@ files knows this class.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -32,14 +31,11 @@ from omicvae_sc.data import (
     checked_counts,
     count_source,
     covariate_codes,
-    group_labels,
-    rank_genes_groups_layout,
     read_setup,
     write_keys,
     write_results,
-    write_uns,
 )
-from omicvae_sc.model import _de, _generate, _io, _outputs, _query, _results
+from omicvae_sc.model import _de, _generate, _io, _outputs, _query, _results, _training
 from omicvae_sc.model._checks import (
     batch_code_of,
     check_count,
@@ -62,7 +58,7 @@ from omicvae_sc.model._runtime import resolve_device, seeded
 from omicvae_sc.model._scores import ANOMALY_DRAWS, ANOMALY_SAMPLES
 from omicvae_sc.model._training import TrainRequest, train_module, training_team
 from omicvae_sc.module import VAE, graft
-from omicvae_sc.train import History, TrainingDiverged, default_max_epochs, steady_heap
+from omicvae_sc.train import History, TrainingDiverged, steady_heap
 from omicvae_sc.train._distributed import DEFAULT_TIMEOUT, Team
 
 
@@ -404,15 +400,10 @@ class OmicVAE:
             counts.shape[0], validation_fraction, bool(early_stopping), request.seed))
         with steady_heap():  # its chunks, like training steps, reuse freed memory
             self.diagnostics = self.get_latent_diagnostics()
-        msg = collapse_message(self.diagnostics)
-        if msg is not None:
-            warnings.warn(msg, UserWarning, stacklevel=2)
-        if history.interrupted:
-            planned = request.max_epochs or default_max_epochs(counts.shape[0])
-            msg = (f"Training interrupted (Ctrl-C) after {len(history)} of {planned} epochs; "
-                   "the model keeps what it learned so far and model.history the completed "
-                   "epochs.")
-            warnings.warn(msg, UserWarning, stacklevel=2)
+        for msg in (collapse_message(self.diagnostics),
+                    _training.interrupted_message(history, request, counts.shape[0])):
+            if msg is not None:
+                warnings.warn(msg, UserWarning, stacklevel=2)
         return self.history
 
     # ------------------------------------------------------------------ outputs
@@ -555,38 +546,9 @@ class OmicVAE:
         detected), ``qvalue`` (the posterior expected FDR of calling the genes down to this
         one) and ``is_de`` (``qvalue <= fdr``).
         """
-        adata = self.adata if adata is None else adata
-        tables = self._de_tables(adata, groupby, group1, group2, key_added, progress_bar,
-                                 _de.DERequest(mode, delta, fdr, batch_correction, n_samples,
-                                               max_cells, seed))
-        return pd.concat([t.assign(group=g)[["group", *t.columns]] for g, t in tables.items()])
-
-    def _de_tables(self, adata: AnnData, groupby: str, group1, group2, key_added: str | None,
-                   progress_bar: bool, request: _de.DERequest) -> dict[str, pd.DataFrame]:
-        """Check the request, compute one table per comparison and, with ``key_added``,
-        write them in scanpy's layout; nothing is written on an error."""
-        if not self.is_trained:
-            msg = "The model is not trained; call model.train() before differential_expression."
-            raise ValueError(msg)
-        request.check()
-        if key_added is not None:
-            check_key_added(key_added)
-        groups, asked, members = _de.comparisons(group_labels(adata, groupby), groupby,
-                                                 group1, group2)
-        counts, codes = self._host_data(adata)
-        batch_codes = _de.batches_compared(codes, members, request.batch_correction
-                                           and self.setup.batch_key is not None)
-        tables = _de.differential_tables(
-            self.module, counts, codes, self.device, groups, asked, members,
-            self.var_names, request, batch_codes=batch_codes, progress_bar=progress_bar)
-        if key_added is not None:
-            params = {"groupby": groupby, "reference": "rest" if group2 is None else str(group2),
-                      "method": f"omicvae_sc {request.mode}", "use_raw": False,
-                      "layer": self.setup.layer, "corr_method": "posterior expected FDR",
-                      **dataclasses.asdict(request)}
-            params = {k: v for k, v in params.items() if v is not None}  # h5ad has no None
-            write_uns(adata, key_added, rank_genes_groups_layout(tables, params))
-        return tables
+        return _de.run(self, self.adata if adata is None else adata, groupby, group1, group2,
+                       _de.DERequest(mode, delta, fdr, batch_correction, n_samples, max_cells,
+                                     seed), key_added=key_added, progress_bar=progress_bar)
 
     def get_marginal_ll(
         self, adata: AnnData | None = None, *, n_samples: int = 100, seed: int = 0

@@ -142,3 +142,12 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
     with seeded(request.seed, device):
         return fit(module, train_data, val_data, config, generator=generator,
                    first_epoch=first_epoch, checkpoint=plan, resume_from=resume_from, team=team)
+
+
+def interrupted_message(history: History, request: TrainRequest, n_cells: int) -> str | None:
+    """The warning for a training run ended by Ctrl-C (``None`` when it was not)."""
+    if not history.interrupted:
+        return None
+    planned = request.max_epochs or default_max_epochs(n_cells)
+    return (f"Training interrupted (Ctrl-C) after {len(history)} of {planned} epochs; the model "
+            "keeps what it learned so far and model.history the completed epochs.")
