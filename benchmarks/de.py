@@ -72,13 +72,14 @@ def prepared() -> ad.AnnData:
     return adata
 
 
-def simulate(adata: ad.AnnData, seed: int = 0) -> tuple[ad.AnnData, pd.Series]:
+def simulate(adata: ad.AnnData, seed: int = 0, kind_changed: str = SIM_TYPE
+             ) -> tuple[ad.AnnData, pd.Series]:
     """``adata`` with the changes of the module docstring; returns it and the true LFC of
     every gene (0 for the untouched ones)."""
     rng = np.random.default_rng(seed)
     x = adata.X.toarray()
     kind = adata.obs["cell_type"].to_numpy()
-    sim = np.flatnonzero(kind == SIM_TYPE)
+    sim = np.flatnonzero(kind == kind_changed)
     arm_a = rng.random(len(sim)) < 0.5
     markers = {g for genes in MARKERS.values() for g in genes}
     detected = (x[sim] > 0).mean(0) >= 0.1
@@ -210,10 +211,12 @@ def main() -> None:
     p.add_argument("--out-dir", default="/tmp/de")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--skip-scvi", action="store_true", help="reuse scVI's files in --out-dir")
+    p.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated changes")
+    p.add_argument("--sim-type", default=SIM_TYPE, help="the cell type given the changes")
     args = p.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    adata, truth = simulate(prepared())
+    adata, truth = simulate(prepared(), args.sim_seed, args.sim_type)
     GENES.update(adata.var_names)
     print("canonical markers among the genes:",
           sorted(m for ms in MARKERS.values() for m in ms if m in GENES), flush=True)

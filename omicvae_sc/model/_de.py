@@ -3,12 +3,14 @@ checks the request and ``data._writeback`` writes scanpy's layout).
 
 What is compared is each group's **mean normalized expression**. Its posterior is drawn
 ``n_samples`` times; each draw weighs the group's cells by Bayesian-bootstrap weights
-(Dirichlet(1, ..., 1): a small group is uncertain, a large one is not) and reads every cell as
-counts drawn from p(x | z) at its own library, z a draw of its latent state from q(z | x).
-Counts, not the decoder's mean: the decoder's mean is smooth over a group's cells, and a
-bootstrap over it is far too sure of a mean that real cells would make noisy. With
-``batch_correction`` every cell is drawn in each batch of the comparison and the draws
-averaged, so that groups from different batches are compared at one batch mixture.
+(Dirichlet(1, ..., 1): a small group is uncertain, a large one is not) and reads every cell at
+a draw z of its latent state from q(z | x). The group mean of a draw is the decoder's mean
+fraction (with ``batch_correction``: averaged over every compared batch, so that groups from
+different batches are compared at one batch mixture) times the group's observed over expected
+counts (expected: the model's, in the cells' own batches). The decoder alone would miss any
+difference its latent does not carry (scvi-tools' test on simulated fold changes in one cell
+type: AUPRC 0.13); the counts alone would leave as noise the cell-to-cell variation the model
+explains.
 
 The log2 fold change of the two means, per draw, gives each gene an estimate and a standard
 error; :mod:`._shrink` shrinks them by a prior fitted to all genes, and its posterior gives the
@@ -56,7 +58,7 @@ COLUMNS = {
     "lfc_std": "its posterior standard deviation",
     "lfc_low": "lower end of its 95% credible interval",
     "lfc_high": "upper end of its 95% credible interval",
-    "mean1": "group1's mean normalized expression (per 10,000 counts), posterior mean",
+    "mean1": "group1's mean normalized expression (per 10,000 counts), bootstrap mean",
     "mean2": "group2's (or the rest's) mean normalized expression, likewise",
     "pct_nonzero1": "share of group1's cells (those read) with a non-zero count",
     "pct_nonzero2": "share of group2's cells (those read) with a non-zero count",

@@ -479,14 +479,17 @@ class OmicVAE:
 
         The calls follow a posterior expected false discovery rate rule.
 
-        Each group's mean normalized expression is drawn ``n_samples`` times from its
-        posterior: a Bayesian bootstrap over the group's cells, each cell read as counts drawn
-        from the model at a draw of its latent state (so the group mean is as uncertain as
-        real cells make it). The draws give each gene's log2 fold change and its standard
-        error; an empirical-Bayes prior shared by all genes (adaptive shrinkage: a point mass
-        at no change and normals of several widths, fitted to the genes) turns them into the
-        posterior probability of a change and its interval. Among thousands of genes that
-        mostly do not change, a chance difference of two standard errors is then not called.
+        Each group's mean normalized expression is drawn ``n_samples`` times: a Bayesian
+        bootstrap over the group's cells, each cell at a draw of its latent state; the mean is
+        the decoder's mean expression (in the compared batches) times how far the group's
+        counts lie above or below the counts the model expects for those cells. A difference
+        the latent does not carry is still in the counts, and found; the cell-to-cell
+        variation the model explains is no longer noise. The draws give each gene's log2
+        fold change and its standard error; an empirical-Bayes prior shared by all genes
+        (adaptive shrinkage: a point mass at no change and normals of several widths, fitted
+        to the genes) turns them into the posterior probability of a change and its interval.
+        Among thousands of genes that mostly do not change, a chance difference of two
+        standard errors is then not called.
         Genes are called, most probable first, while the expected share of false calls among
         them (the posterior expected FDR) stays at most ``fdr``. Two random halves of one
         population differ in almost no gene (scvi-tools compares single cells' draws, and
