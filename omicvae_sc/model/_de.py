@@ -75,8 +75,8 @@ class GroupDraws:
     for those cells (see :func:`group_draws`)."""
 
     fraction: np.ndarray  # mean expression fraction, decoded in the compared batches
-    observed: np.ndarray  # mean count
-    expected: np.ndarray  # mean expected count in the cells' own batches
+    observed: np.ndarray  # mean count (NB-weighted)
+    expected: np.ndarray  # mean expected count in the cells' own batches (NB-weighted)
     n_cells: int  # cells of the group (all, not only those read)
     nonzero: np.ndarray  # (n_genes,) cells read with a non-zero count
     n_read: int  # cells read (at most max_cells)
@@ -97,38 +97,43 @@ def pick_cells(members: np.ndarray, max_cells: int | None, rng: np.random.Genera
 
 
 def _fractions(module: VAE, z: torch.Tensor, library: torch.Tensor,
-               codes: torch.Tensor | None) -> torch.Tensor:
+               codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The share of the library the counts are expected to hold, ``(rows, genes)`` (float32)
     for flat draws ``z``: the expression fraction, under ZINB times the chance that an entry
     is not a structural zero (the scale of the counts, which the group means are compared
-    on)."""
+    on); and the NB inverse dispersion (``None`` under Poisson)."""
     params = module.generative(z, library, codes)
     frac = torch.softmax(params.logits.float(), dim=-1)
     if params.zi_logits is not None:
         frac = frac * torch.sigmoid(-params.zi_logits.float())
-    return frac
+    return frac, None if params.theta is None else params.theta.float()
 
 
 def decoded(module: VAE, z: torch.Tensor, library: torch.Tensor, codes: torch.Tensor | None,
-            batch_codes: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            batch_codes: tuple[int, ...] | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For latent draws ``z`` ``(draws, cells, latent)``: the shares of :func:`_fractions` in
-    the cells' own covariates, and averaged over the batches ``batch_codes`` (without them:
-    the same), each ``(draws, cells, genes)``."""
+    the cells' own covariates, the same averaged over the batches ``batch_codes`` (without
+    them: the same), each ``(draws, cells, genes)``, and the own covariates' inverse
+    dispersion (broadcastable to them, or ``None``)."""
     draws, cells = z.shape[:2]
     flat = z.reshape(draws * cells, -1)
     lib = library.repeat(draws, 1)  # (draws * cells, 1), draw-major as ``flat``
     rep = None if codes is None else codes.repeat(draws, 1)
-    own = _fractions(module, flat, lib, rep)
+    own, theta = _fractions(module, flat, lib, rep)
+    if theta is not None:
+        theta = theta.expand_as(own).reshape(draws, cells, -1)
+    own = own.reshape(draws, cells, -1)
     if batch_codes is None:
-        return own.reshape(draws, cells, -1), own.reshape(draws, cells, -1)
+        return own, own, theta
     mixture = None
     for b in batch_codes:
         in_b = rep.clone()
         in_b[:, 0] = b
-        frac = _fractions(module, flat, lib, in_b)
+        frac = _fractions(module, flat, lib, in_b)[0]
         mixture = frac if mixture is None else mixture.add_(frac)
     mixture.div_(len(batch_codes))
-    return own.reshape(draws, cells, -1), mixture.reshape(draws, cells, -1)
+    return own, mixture.reshape(draws, cells, -1), theta
 
 
 @torch.inference_mode()
@@ -138,13 +143,15 @@ def group_draws(module: VAE, data, n_cells: int, n_samples: int, seed: int,
 
     Draw s weighs the cells by Bayesian-bootstrap weights w and reads each cell at latent
     draw s % 20: the mean fraction sum(w rho~) / sum(w) (rho~ decoded in the compared
-    batches), the mean count sum(w x) / sum(w) and the mean expected count
-    sum(w l rho) / sum(w) (rho in the cell's own batch, l its library). Their product
-    ``fraction * observed / expected`` is the model's group mean corrected by the counts: a
-    difference the latent does not carry is still in the counts, while the cell-to-cell
-    variation the model explains (which cells of which state a group holds) is no longer
-    noise. Chunk by chunk of cells; memory holds three ``n_samples x n_genes`` sums (float32:
-    sums of at most ``max_cells`` cells)."""
+    batches), and the means of the counts x and of the expected counts mu = l rho (rho in the
+    cell's own batch, l its library), both weighted by w / (1 + mu / theta): then their ratio
+    is the negative binomial's maximum-likelihood factor by which the group's counts lie
+    above or below the model's (a cell whose count is expected high has a variance quadratic
+    in it, and counts less). ``fraction * observed / expected`` is the model's group mean
+    corrected by the counts: a difference the latent does not carry is still in the counts,
+    while the cell-to-cell variation the model explains (which cells of which state a group
+    holds) is no longer noise. Chunk by chunk of cells; memory holds three
+    ``n_samples x n_genes`` sums (float32: sums of at most ``max_cells`` cells)."""
     rng = np.random.default_rng(seed)
     weights = rng.standard_gamma(1.0, size=(n_samples, data.n_cells)).astype(np.float32)
     device = data.device
@@ -159,14 +166,17 @@ def group_draws(module: VAE, data, n_cells: int, n_samples: int, seed: int,
             posterior = module.inference(x, codes)
             z = posterior.sample(torch.randn((draws, *posterior.mean.shape), device=device))
             library = x.sum(1, keepdim=True)  # (c, 1)
-            own, mixed = decoded(module, z, library, codes, batch_codes)  # (d, c, g) each
+            own, mixed, theta = decoded(module, z, library, codes, batch_codes)  # (d, c, g)
+            expected = own * library
+            # the NB maximum-likelihood weights of a common factor: a cell whose expected
+            # count is high next to theta has a variance quadratic in it and counts less
+            nb = 1.0 if theta is None else 1.0 / (1.0 + expected / theta)
             w = torch.as_tensor(weights[:, lo:hi], device=device)  # (n_samples, c)
-            sums[1] += w @ x
             # draw s reads latent draw s % d: weights as (d, rounds, c), one product per draw
             by_draw = torch.zeros(rounds * draws, w.shape[1], device=device)
             by_draw[:n_samples] = w
             by_draw = by_draw.reshape(rounds, draws, -1).transpose(0, 1)
-            for k, values in ((0, mixed), (2, own * library)):
+            for k, values in ((0, mixed), (1, nb * x), (2, nb * expected)):
                 part = torch.bmm(by_draw, values).transpose(0, 1).reshape(rounds * draws, -1)
                 sums[k] += part[:n_samples]
             nonzero += (x > 0).sum(0).double()
