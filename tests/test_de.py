@@ -176,3 +176,17 @@ def test_counts_on_disk_give_the_table_of_counts_in_memory(tmp_path):
                                               key_added=None)
     from_disk = model.differential_expression("arm", "A", "B", adata=on_disk, key_added=None)
     pd.testing.assert_frame_equal(in_memory, from_disk)
+
+
+def test_reading_a_subset_of_each_group_finds_the_same_changes():
+    adata, model, truth = _simulated()
+    full = model.differential_expression("arm", "A", "B", adata=adata.copy(), key_added=None)
+    part = model.differential_expression("arm", "A", "B", adata=adata.copy(), max_cells=150,
+                                         key_added=None)
+    top = set(full.index[:40])
+    assert len(top & set(part.index[:40])) >= 30
+    assert len(set(part.index[part["is_de"]]) & truth) >= 0.8 * len(truth)
+    # fewer cells read, less certainty: the intervals widen
+    both = full.index[:20]
+    width = (part.loc[both, "lfc_high"] - part.loc[both, "lfc_low"]).mean()
+    assert width > (full.loc[both, "lfc_high"] - full.loc[both, "lfc_low"]).mean()
