@@ -482,7 +482,9 @@ class OmicVAE:
         Each group's mean normalized expression is drawn ``n_samples`` times: a Bayesian
         bootstrap over the group's cells, each cell at a draw of its latent state; the mean is
         the decoder's mean expression (in the compared batches) times how far the group's
-        counts lie above or below the counts the model expects for those cells. A difference
+        counts lie above or below the counts the model expects for those cells (the negative
+        binomial's maximum-likelihood factor, each count clipped at 3 standard deviations from
+        the model's so a few bursting cells do not decide it). A difference
         the latent does not carry is still in the counts, and found; the cell-to-cell
         variation the model explains is no longer noise. The draws give each gene's log2
         fold change and its standard error; an empirical-Bayes prior shared by all genes
