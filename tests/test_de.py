@@ -190,3 +190,15 @@ def test_reading_a_subset_of_each_group_finds_the_same_changes():
     both = full.index[:20]
     width = (part.loc[both, "lfc_high"] - part.loc[both, "lfc_low"]).mean()
     assert width > (full.loc[both, "lfc_high"] - full.loc[both, "lfc_low"]).mean()
+
+
+def test_reading_groups_again_when_they_do_not_fit_gives_the_same_tables(monkeypatch):
+    from omicvae_sc.model import _de
+
+    adata, model, _ = _simulated()
+    kept = model.differential_expression("cell_type", None, adata=adata.copy(),
+                                         key_added=None)
+    monkeypatch.setattr(_de, "KEEP_BYTES", 0)  # every group read again when compared
+    again = model.differential_expression("cell_type", None, adata=adata.copy(),
+                                          key_added=None)
+    pd.testing.assert_frame_equal(kept, again)

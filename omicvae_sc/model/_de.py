@@ -53,6 +53,7 @@ PSEUDOCOUNT_COUNTS = 0.1  # pseudocount of the LFC: a tenth of a count in a cell
 # mu and theta, so two groups that differ in mu would differ by the clipping alone (at 1.345 the
 # bundled PBMCs' simulated test called 15% false against 9% at 3 or unclipped)
 HUBER_K = 3.0
+KEEP_BYTES = 2**28  # every group's draws are kept up to this size, else groups are read again
 
 COLUMNS = {
     "proba_de": "posterior probability of a change (|LFC| > delta; vanilla: of the LFC's sign)",
@@ -74,23 +75,13 @@ COLUMNS = {
 
 @dataclass(frozen=True)
 class GroupDraws:
-    """Bootstrap draws of one group's weighted means (``(n_samples, n_genes)`` each, float64)
-    and what was read. A group's mean expression is ``fraction * observed / expected``: the
-    model's mean fraction, times how far the counts lie above or below the counts it expects
-    for those cells (see :func:`group_draws`)."""
+    """Bootstrap draws of one group's mean expression fraction and what was read."""
 
-    fraction: np.ndarray  # mean expression fraction, decoded in the compared batches
-    observed: np.ndarray  # mean count (NB-weighted, Huber-clipped)
-    expected: np.ndarray  # mean expected count in the cells' own batches (NB-weighted)
+    draws: np.ndarray  # (n_samples, n_genes) float32, see :func:`group_draws`
     n_cells: int  # cells of the group (all, not only those read)
     nonzero: np.ndarray  # (n_genes,) cells read with a non-zero count
     n_read: int  # cells read (at most max_cells)
     libraries: np.ndarray  # (n_read,) library sizes of the cells read
-
-    @property
-    def draws(self) -> np.ndarray:
-        """Draws of the group's mean expression fraction, ``(n_samples, n_genes)``."""
-        return self.fraction * self.observed / np.maximum(self.expected, 1e-30)
 
 
 def pick_cells(members: np.ndarray, max_cells: int | None, rng: np.random.Generator
@@ -158,7 +149,8 @@ def group_draws(module: VAE, data, n_cells: int, n_samples: int, seed: int,
     corrected by the counts: a difference the latent does not carry is still in the counts,
     while the cell-to-cell variation the model explains (which cells of which state a group
     holds) is no longer noise. Chunk by chunk of cells; memory holds three
-    ``n_samples x n_genes`` sums (float32: sums of at most ``max_cells`` cells)."""
+    ``n_samples x n_genes`` sums (float32: sums of at most ``max_cells`` cells); the result
+    is ``fraction * observed / expected`` per draw."""
     rng = np.random.default_rng(seed)
     weights = rng.standard_gamma(1.0, size=(n_samples, data.n_cells)).astype(np.float32)
     device = data.device
@@ -195,28 +187,23 @@ def group_draws(module: VAE, data, n_cells: int, n_samples: int, seed: int,
             nonzero += (x > 0).sum(0).double()
             libraries.append(library[:, 0].cpu().numpy())
             lo = hi
+    fraction, observed, expected = sums.double()  # the weights' total cancels in the ratio
     total = torch.as_tensor(weights.sum(1, dtype=np.float64), device=device)[:, None]
-    fraction, observed, expected = (sums.double() / total).cpu().numpy()
-    return GroupDraws(fraction, observed, expected, n_cells, nonzero.cpu().numpy(), lo,
+    draws = fraction / total * observed / expected.clamp_min(1e-30)
+    return GroupDraws(draws.float().cpu().numpy(), n_cells, nonzero.cpu().numpy(), lo,
                       np.concatenate(libraries))
 
 
-def pooled(groups: list[GroupDraws], seed: int) -> GroupDraws:
-    """The draws of the union of ``groups`` (the rest): each draw weighs group k by a
-    Gamma(n_k) total, which is what Bayesian-bootstrap weights over all their cells add up to
-    (so a group read from a subset of its cells still counts with all of them)."""
-    rng = np.random.default_rng(seed)
-    n_samples = groups[0].observed.shape[0]
-    totals = np.stack([rng.standard_gamma(g.n_cells, size=n_samples) for g in groups])
-    totals /= totals.sum(0)  # (groups, n_samples)
-
-    def mix(name: str) -> np.ndarray:
-        return sum(t[:, None] * getattr(g, name) for t, g in zip(totals, groups, strict=True))
-
-    return GroupDraws(mix("fraction"), mix("observed"), mix("expected"),
-                      sum(g.n_cells for g in groups), sum(g.nonzero for g in groups),
-                      sum(g.n_read for g in groups),
-                      np.concatenate([g.libraries for g in groups]))
+def group_shares(groups: list[str], members: dict[str, np.ndarray], n_samples: int,
+                 seed: int) -> dict[str, np.ndarray]:
+    """Each group's share of every bootstrap draw over all grouped cells: Gamma(n_k) totals
+    (what Bayesian-bootstrap weights over a group's cells add up to, so a group read from a
+    subset of its cells still counts with all of them), normalized per draw. Seeded per group,
+    so that every request over the same groups draws the same shares."""
+    totals = {g: np.random.default_rng(group_seed(seed, 2, groups.index(g))).standard_gamma(
+        len(cells), size=n_samples) for g, cells in members.items()}
+    whole = sum(totals.values())
+    return {g: t / whole for g, t in totals.items()}
 
 
 def clear_effect(low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -353,30 +340,59 @@ def differential_tables(module: VAE, counts, codes: np.ndarray | None, *,
                         batch_codes: tuple[int, ...] | None, progress_bar: bool = True,
                         ) -> dict[str, pd.DataFrame]:
     """One table (:func:`compare`) per comparison in ``asked``, keyed by its first group.
-    Each group's cells are read once; its draws depend only on the seed and the group, so a
-    group against the rest gives the same table asked alone or with every group."""
+
+    Each group's draws depend only on the seed and the group, so a group against the rest
+    gives the same table asked alone or with every group. "The rest" is every other grouped
+    cell: the groups' draws pooled by :func:`group_shares`, less the tested group's. Memory
+    holds every group's draws while they fit in :data:`KEEP_BYTES`; past that (many groups,
+    many genes) a group is read a second time when it is compared, and memory holds two
+    ``n_samples x n_genes`` arrays whatever the number of groups."""
     picked = {}
     for g, cells in members.items():
         rng = np.random.default_rng(group_seed(request.seed, 0, groups.index(g)))
         picked[g] = pick_cells(cells, request.max_cells, rng)
-    total = sum(len(c) for c in picked.values())
-    draws = {}
+    keep = len(members) * request.n_samples * len(genes) * 4 <= KEEP_BYTES
+    kept: dict[str, GroupDraws] = {}
+    libraries: dict[str, np.ndarray] = {}
+    rest_needed = any(g2 is None for _, g2 in asked)
+    shares = group_shares(groups, members, request.n_samples, request.seed) \
+        if rest_needed else {}
+    pooled, nonzero, n_read = 0.0, 0.0, 0
+    total = sum(len(c) for c in picked.values()) * (1 if keep else 2)
     with tqdm(total=total, desc="differential expression", unit="cell",
               disable=not progress_bar or total < 20_000) as bar:
-        for g, cells in picked.items():
-            data = count_source(counts, codes, device, cells=cells)
-            draws[g] = group_draws(module, data, len(members[g]), request.n_samples,
-                                   group_seed(request.seed, 1, groups.index(g)), batch_codes)
-            bar.update(len(cells))
-    tables = {}
-    for g1, g2 in asked:
-        if g2 is None:
-            rest = [d for g, d in draws.items() if g != g1]
-            other = pooled(rest, group_seed(request.seed, 2, groups.index(g1)))
-        else:
-            other = draws[g2]
-        tables[g1] = compare(draws[g1], other, genes, mode=request.mode,
-                             delta=request.delta, fdr=request.fdr)
+
+        def read(g: str) -> GroupDraws:
+            if g in kept:
+                return kept[g]
+            data = count_source(counts, codes, device, cells=picked[g])
+            out = group_draws(module, data, len(members[g]), request.n_samples,
+                              group_seed(request.seed, 1, groups.index(g)), batch_codes)
+            bar.update(len(picked[g]))
+            return out
+
+        for g in picked:  # every group once: the pooled draws and what each read
+            d = read(g)
+            libraries[g], nonzero, n_read = d.libraries, nonzero + d.nonzero, n_read + d.n_read
+            if rest_needed:
+                pooled = pooled + shares[g][:, None] * d.draws.astype(np.float64)
+            if keep or g in {g2 for _, g2 in asked}:
+                kept[g] = d
+        tables = {}
+        for g1, g2 in asked:
+            one = read(g1)
+            if g2 is None:
+                share = shares[g1][:, None]
+                other = GroupDraws(
+                    ((pooled - share * one.draws) / np.maximum(1.0 - share, 1e-12)).astype(
+                        np.float32),
+                    sum(len(c) for c in members.values()) - one.n_cells,
+                    nonzero - one.nonzero, n_read - one.n_read,
+                    np.concatenate([lib for g, lib in libraries.items() if g != g1]))
+            else:
+                other = read(g2)
+            tables[g1] = compare(one, other, genes, mode=request.mode, delta=request.delta,
+                                 fdr=request.fdr)
     return tables
 
 
