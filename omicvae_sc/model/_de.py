@@ -7,7 +7,9 @@ What is compared is each group's **mean normalized expression**. Its posterior i
 a draw z of its latent state from q(z | x). The group mean of a draw is the decoder's mean
 fraction (with ``batch_correction``: averaged over every compared batch, so that groups from
 different batches are compared at one batch mixture) times the group's observed over expected
-counts (expected: the model's, in the cells' own batches). The decoder alone would miss any
+counts (expected: the model's, in the cells' own batches; cells weighted as the negative
+binomial's maximum-likelihood factor weighs them, each count clipped at ``HUBER_K`` standard
+deviations from the model's). The decoder alone would miss any
 difference its latent does not carry (scvi-tools' test on simulated fold changes in one cell
 type: AUPRC 0.13); the counts alone would leave as noise the cell-to-cell variation the model
 explains.

@@ -525,7 +525,8 @@ class OmicVAE:
             is 1 / ``n_samples``). Each cell is read at 20 latent draws, reused in turn.
         max_cells
             Read at most this many cells of a group, chosen at random with ``seed`` (its weight
-            in "the rest" still counts all its cells); ``None``: every cell. Above 2,000 cells
+            in "the rest" still counts all its cells); ``None``: every cell (the bootstrap
+            weights then hold ``n_samples`` numbers per cell of a group). Above 2,000 cells
             the group mean moves by about 2% of a cell-to-cell standard deviation, far below
             ``delta``, while the work grows with the cells read.
         seed
