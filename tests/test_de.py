@@ -202,3 +202,25 @@ def test_reading_groups_again_when_they_do_not_fit_gives_the_same_tables(monkeyp
     again = model.differential_expression("cell_type", None, adata=adata.copy(),
                                           key_added=None)
     pd.testing.assert_frame_equal(kept, again)
+
+
+def test_the_volcano_shows_the_calls(tmp_path, adata_fingerprint):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adata, model, _ = _simulated()
+    work = adata.copy()
+    ov.tl.differential_expression(work, groupby="arm", model=model)
+    fig = ov.pl.differential_expression(work, group="A", show=False, save=tmp_path / "v.png")
+    assert (tmp_path / "v.png").stat().st_size > 0
+    called = int((sc.get.rank_genes_groups_df(work, "A", key="omicvae_de")["pvals_adj"]
+                  <= 0.05).sum())
+    ax = fig.axes[0]
+    assert f"{called} genes called" in ax.get_title()
+    assert len(ax.texts) == min(10, called)
+    before = adata_fingerprint(work)
+    with pytest.raises(ValueError, match=r"group='C' has no results under uns\['omicvae_de'\]"):
+        ov.pl.differential_expression(work, group="C", show=False)
+    with pytest.raises(KeyError, match=r"adata\.uns has no differential expression under 'de'"):
+        ov.pl.differential_expression(work, group="A", key="de", show=False)
+    assert adata_fingerprint(work) == before
