@@ -202,14 +202,17 @@ def _omicvae_mapping(ref: ad.AnnData, query: ad.AnnData, key: str, seed: int) ->
 
     import omicvae_sc as ov
 
+    def fitted(adata: ad.AnnData) -> tuple[ov.OmicVAE, float]:
+        start = time.perf_counter()
+        ov.OmicVAE.setup_anndata(adata, layer="counts", batch_key="batch")
+        model = ov.OmicVAE(adata, seed=seed, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.train(progress_bar=False)
+        return model, time.perf_counter() - start
+
     ref, query = ref.copy(), query.copy()
-    start = time.perf_counter()
-    ov.OmicVAE.setup_anndata(ref, layer="counts", batch_key="batch")
-    model = ov.OmicVAE(ref, seed=seed, device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.train(progress_bar=False)
-    ref_seconds = time.perf_counter() - start
+    model, ref_seconds = fitted(ref)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,14 +221,7 @@ def _omicvae_mapping(ref: ad.AnnData, query: ad.AnnData, key: str, seed: int) ->
         ov.tl.map_query(query, model, adata_ref=ref, labels_key=key, seed=seed,
                         progress_bar=False, unknown_above=1.0)
     map_seconds = time.perf_counter() - start
-    both = ad.concat([ref, query[:, ref.var_names]])
-    start = time.perf_counter()
-    ov.OmicVAE.setup_anndata(both, layer="counts", batch_key="batch")
-    scratch = ov.OmicVAE(both, seed=seed, device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scratch.train(progress_bar=False)
-    scratch_seconds = time.perf_counter() - start
+    _, scratch_seconds = fitted(ad.concat([ref, query[:, ref.var_names]]))
     return {"labels": query.obs["omicvae_label"].astype(str).to_numpy(),
             "novelty": query.obs["omicvae_novelty_score"].to_numpy(),
             "flagged": query.obs["omicvae_is_novel"].to_numpy(dtype=bool),

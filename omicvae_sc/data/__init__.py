@@ -16,7 +16,7 @@ from omicvae_sc.data._setup import (
     AnnDataSetup,
     build_setup,
     covariate_codes,
-    group_labels,
+    obs_column,
     read_setup,
 )
 from omicvae_sc.data._stream import (
@@ -65,10 +65,10 @@ __all__ = [
     "count_source",
     "covariate_codes",
     "get_counts",
-    "group_labels",
     "holds_disk_arrays",
     "is_on_disk",
     "library_sizes",
+    "obs_column",
     "obs_key",
     "open_dense",
     "output_keys",

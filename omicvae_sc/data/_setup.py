@@ -82,14 +82,16 @@ class AnnDataSetup:
         )
 
 
-def obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
+def obs_column(adata: AnnData, key: str, role: str, *, missing_ok: bool = False) -> pd.Series:
+    """``adata.obs[key]`` (passed as ``role``); a missing value is an error unless
+    ``missing_ok`` (the groups of a comparison, where a cell without one belongs to none)."""
     if key not in adata.obs.columns:
         cols = list(adata.obs.columns)
         shown = cols[:10] + (["..."] if len(cols) > 10 else [])
         msg = f"adata.obs has no column {key!r} (passed as {role}); available columns: {shown}."
         raise KeyError(msg)
     col = adata.obs[key]
-    if col.isna().any():
+    if not missing_ok and col.isna().any():
         cell = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[0]]
         msg = (
             f"adata.obs[{key!r}] (passed as {role}) has missing values (first at cell {cell!r}); "
@@ -227,13 +229,3 @@ def covariate_codes(adata: AnnData, setup: AnnDataSetup) -> np.ndarray | None:
         codes[:, j] = index
     return codes
 
-
-def group_labels(adata: AnnData, groupby: str) -> pd.Series:
-    """``adata.obs[groupby]`` as the groups of a comparison; cells without a value belong to no
-    group (unlike a covariate, where they are an error)."""
-    if groupby not in adata.obs.columns:
-        cols = list(adata.obs.columns)
-        shown = cols[:10] + (["..."] if len(cols) > 10 else [])
-        msg = f"adata.obs has no column {groupby!r} (passed as groupby); available: {shown}."
-        raise KeyError(msg)
-    return adata.obs[groupby]

@@ -183,22 +183,14 @@ def write_keys(
 
 
 def rank_genes_groups_layout(tables: dict[str, pd.DataFrame], params: dict) -> dict:
-    """Tables of :mod:`omicvae_sc.model._de` (one per group, against its reference) as scanpy's
+    """Tables of :mod:`omicvae_sc.model._de` (one per group, against its reference, each in
+    scanpy's order with its ``scores``: :func:`omicvae_sc.model._de.scanpy_order`) as scanpy's
     ``rank_genes_groups`` stores its results, so that ``sc.get.rank_genes_groups_df`` and
-    ``sc.pl.rank_genes_groups_*`` read them: per group, the genes ordered up-regulated first
-    (by the signed probability of a change, then by how far the LFC's credible interval lies
-    from 0), ``scores`` that signed probability,
-    ``logfoldchanges`` the posterior mean LFC, ``pvals`` the posterior probability of no change
-    and ``pvals_adj`` the q-value (the posterior expected FDR rule); ``pts`` and ``pts_rest``
-    the shares of cells with the gene detected. The model's own columns follow under their
-    names (``proba_de``, ``lfc_low``, ``lfc_high``, ``mean1``, ``mean2``)."""
-    ordered = {}
-    for group, table in tables.items():
-        low, high = table["lfc_low"].to_numpy(), table["lfc_high"].to_numpy()
-        clear = np.where(low > 0, low, np.where(high < 0, high, 0.0))  # signed clear effect
-        score = np.sign(table["lfc_mean"].to_numpy()) * table["proba_de"].to_numpy()
-        order = np.lexsort((-clear, -score))
-        ordered[group] = table.iloc[order].assign(scores=score[order])
+    ``sc.pl.rank_genes_groups_*`` read them: ``logfoldchanges`` the posterior mean LFC,
+    ``pvals`` the posterior probability of no change and ``pvals_adj`` the q-value (the
+    posterior expected FDR rule); ``pts`` and ``pts_rest`` the shares of cells with the gene
+    detected. The model's own columns follow under their names (``proba_de``, ``lfc_low``,
+    ``lfc_high``, ``mean1``, ``mean2``)."""
     fields = {"names": None, "scores": "scores", "logfoldchanges": "lfc_mean",
               "pvals": "proba_not_de", "pvals_adj": "qvalue", "proba_de": "proba_de",
               "lfc_low": "lfc_low", "lfc_high": "lfc_high", "mean1": "mean1", "mean2": "mean2"}
@@ -206,7 +198,7 @@ def rank_genes_groups_layout(tables: dict[str, pd.DataFrame], params: dict) -> d
     for name, column in fields.items():
         frame = pd.DataFrame({g: (t.index.to_numpy(dtype=object) if column is None
                                   else t[column].to_numpy(dtype=np.float32))
-                              for g, t in ordered.items()})
+                              for g, t in tables.items()})
         out[name] = frame.to_records(index=False,
                                      column_dtypes="O" if column is None else "float32")
     first = next(iter(tables.values()))

@@ -4,6 +4,7 @@ Everything a module outside model/ needs is exported here; the files in model/ a
 """
 
 from omicvae_sc.model._checks import validation_split
+from omicvae_sc.model._de import clear_effect
 from omicvae_sc.model._diagnostics import LatentDiagnostics
 from omicvae_sc.model._novelty import (
     NOVELTY_ALPHA,
@@ -35,6 +36,7 @@ __all__ = [
     "ResultOptions",
     "aligned_anndata",
     "check_denoised_target",
+    "clear_effect",
     "combine_novelty",
     "neighbour_distance_ratio",
     "stage",

@@ -385,8 +385,10 @@ class OmicVAE:
         request.check(self.device)
         counts, codes = self._host_data(None)
         team = training_team(request, self.device)
+        held_out = validation_mask(counts.shape[0], validation_fraction, bool(early_stopping),
+                                   request.seed)
         try:
-            history = train_module(self.module, counts, codes, request,
+            history = train_module(self.module, counts, codes, request, held_out=held_out,
                                    hparams=self.hparams, first_epoch=len(self.history),
                                    team=team)
         except TrainingDiverged as err:
@@ -396,8 +398,7 @@ class OmicVAE:
         self.history = self.history.concat(history)
         self.is_trained = True
         self._team = team
-        self._held_out = HeldOut(validation_mask(
-            counts.shape[0], validation_fraction, bool(early_stopping), request.seed))
+        self._held_out = HeldOut(held_out)
         with steady_heap():  # its chunks, like training steps, reuse freed memory
             self.diagnostics = self.get_latent_diagnostics()
         for msg in (collapse_message(self.diagnostics),

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from omicvae_sc.data import BLOCK_ROWS, BUFFER_BLOCKS, RankPart, RowReader, count_source
-from omicvae_sc.model._checks import check_count, validation_mask
+from omicvae_sc.model._checks import check_count
 from omicvae_sc.model._runtime import resolve_precision, seeded
 from omicvae_sc.module import VAE
 from omicvae_sc.train import (
@@ -89,18 +89,17 @@ def training_team(request: TrainRequest, device: torch.device) -> Team | None:
 
 def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
                  codes: np.ndarray | None,
-                 request: TrainRequest, *, hparams: dict, first_epoch: int,
-                 team: Team | None = None) -> History:
+                 request: TrainRequest, *, held_out: np.ndarray, hparams: dict,
+                 first_epoch: int, team: Team | None = None) -> History:
     """Train ``module`` in place on the validated ``counts`` (in memory, or on disk behind a
-    ``RowReader``) and ``codes``; the history of this call (``request`` checked by the
-    caller). With ``team`` (:func:`training_team`) every process of the job calls this and
-    they train together, each on its part of every minibatch. Raises ``TrainingDiverged`` as
-    :func:`omicvae_sc.train.fit` does."""
+    ``RowReader``) and ``codes``, holding out the cells ``held_out`` marks (a boolean mask,
+    :func:`~omicvae_sc.model._checks.validation_mask`); the history of this call (``request``
+    checked by the caller). With ``team`` (:func:`training_team`) every process of the job
+    calls this and they train together, each on its part of every minibatch. Raises
+    ``TrainingDiverged`` as :func:`omicvae_sc.train.fit` does."""
     device = next(module.parameters()).device
     n = counts.shape[0]
     max_epochs = default_max_epochs(n) if request.max_epochs is None else request.max_epochs
-    held_out = validation_mask(n, request.validation_fraction, bool(request.early_stopping),
-                               request.seed)
     n_val = int(held_out.sum())
     early_stopping = n_val > 0 if request.early_stopping is None else request.early_stopping
     config = TrainConfig(
@@ -117,7 +116,6 @@ def train_module(module: VAE, counts: np.ndarray | sp.spmatrix | RowReader,
     # on disk the split stays a mask (a byte a cell); in memory, indices
     train_cells = (None if n_val == 0 else ~held_out) if on_disk else np.flatnonzero(~held_out)
     val_cells = held_out if on_disk else np.flatnonzero(held_out)
-    del held_out
     train_data = count_source(counts, codes, device, cells=train_cells, **stream)
     val_data = count_source(counts, codes, device, cells=val_cells, **stream) if n_val else None
     if team is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from omicvae_sc.model import clear_effect
 from omicvae_sc.pl._utils import finish
 
 
@@ -79,8 +80,7 @@ def differential_expression(
                                 (called & ~up, "tab:blue", "down")):
         ax.scatter(table["lfc"][mask], evidence[mask], s=6, color=colour, zorder=2,
                    label=f"{label} ({int(mask.sum())})", rasterized=True)
-    clear = np.where(table["low"] > 0, table["low"], np.where(table["high"] < 0,
-                                                              -table["high"], 0.0))
+    clear = np.abs(clear_effect(table["low"].to_numpy(), table["high"].to_numpy()))
     named = np.argsort(-np.where(called, clear, -np.inf))[:min(n_labels, int(called.sum()))]
     for rank, i in enumerate(named):  # staggered: the strongest genes share the top row
         ax.annotate(table["names"][i], (table["lfc"][i], evidence[i]), fontsize=7,
