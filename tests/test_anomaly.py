@@ -231,10 +231,20 @@ def test_artificial_doublets_pair_two_clusters_of_one_batch():
     assert torch.equal(groups[pairs.first], groups[pairs.second])
     two = groups[pairs.first] < 2  # batches with two or more clusters
     assert (clusters[pairs.first][two] != clusters[pairs.second][two]).all()
-    # every pair of clusters of batch 0 is made, the rare cluster 2 included
-    made = {tuple(sorted(p)) for p in torch.stack([clusters[pairs.first], clusters[pairs.second]],
-                                                   1)[groups[pairs.first] == 0].tolist()}
-    assert made == {(0, 1), (0, 2), (1, 2)}
+    # pairs of clusters of batch 0 come as often as random cells of them meet: sizes 20, 20
+    # and 10 give 400, 200 and 200 pairs of cells, so shares of 1/2, 1/4 and 1/4
+    made = [tuple(sorted(p)) for p in torch.stack([clusters[pairs.first], clusters[pairs.second]],
+                                                   1)[groups[pairs.first] == 0].tolist()]
+    share = {k: made.count(k) / len(made) for k in set(made)}
+    assert set(share) == {(0, 1), (0, 2), (1, 2)}
+    assert abs(share[(0, 1)] - 0.5) < 0.07 and abs(share[(0, 2)] - 0.25) < 0.07
+    # every ordered pair of cells of two clusters is equally likely: of batch 0's 1,600, the
+    # 400 that start in cluster 2 (10 cells, each with 40 partners) make a quarter (a first
+    # cell drawn uniformly would make a fifth)
+    many = make_pairs(groups[:50], clusters[:50], 20_000)
+    share_first = torch.bincount(clusters[many.first]).double() / 20_000
+    assert torch.allclose(share_first, torch.tensor([0.375, 0.375, 0.25], dtype=torch.float64),
+                          atol=0.015)
     # each batch gets doublets in proportion to its cells
     assert (groups[pairs.first] == 2).sum() == 50
 

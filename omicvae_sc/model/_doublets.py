@@ -5,9 +5,11 @@ fitted model's own contribution, a mixture likelihood test.
 1. **Clusters.** k-means on the posterior means of the latent (the model's batch-corrected space),
    ``clamp(round(sqrt(n / 40)), 2, 20)`` clusters.
 2. **Artificial doublets.** ``max(1500, sim_ratio * n)`` pairs of cells of one loading group
-   (the batch), the two cells from two different clusters, cluster pairs drawn uniformly so
-   that rare combinations are made too; raw counts summed, so the library is the sum of the
-   two libraries. A group with a single cluster pairs cells at random.
+   (the batch), the two cells from two different clusters, every such pair of cells equally
+   likely, so that pairs of clusters are made as often as random cells of them would meet in
+   a droplet (drawing pairs of clusters uniformly, as before, scored lower on every truth
+   set); raw counts summed, so the library is the sum of the two libraries. A group with a
+   single cluster pairs cells at random.
 3. **Features**, computed the same way for real cells and artificial doublets, within each
    group:
 
@@ -104,37 +106,41 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
     return torch.unique(labels, return_inverse=True)[1]
 
 
-def _pick(members: torch.Tensor, labels: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """For each entry of ``wanted`` (cluster labels), a random cell of ``members`` with it."""
-    order = torch.argsort(labels[members], stable=True)
-    sorted_members, sizes = members[order], torch.bincount(labels[members])
+def _heterotypic(members: torch.Tensor, labels: torch.Tensor, count: int) -> _Pairs:
+    """``count`` pairs of ``members`` from two different clusters (``labels``, one per cell of
+    the data), every such pair of cells equally likely: as random cells meet in a droplet, so a
+    pair of clusters is made in proportion to the product of their sizes."""
+    local = torch.unique(labels[members], return_inverse=True)[1]
+    order = torch.argsort(local, stable=True)
+    by_cluster, sizes = members[order], torch.bincount(local)
     starts = torch.cumsum(sizes, 0) - sizes
-    offset = (torch.rand(len(wanted), device=wanted.device) * sizes[wanted]).long()
-    return sorted_members[starts[wanted] + offset.clamp_max(sizes[wanted] - 1)]
+    # the first cell in proportion to the cells outside its cluster, the second uniformly
+    # among those: together, uniform over the pairs of cells of two clusters
+    others = (len(members) - sizes[local]).double()
+    first = torch.multinomial(others, count, replacement=True)
+    own = local[first]
+    u = (torch.rand(count, device=members.device) * others[first]).long()
+    u = torch.minimum(u, (others[first] - 1).long())
+    u = u + sizes[own] * (u >= starts[own]).long()  # skip the first cell's own cluster
+    return _Pairs(members[first], by_cluster[u])
 
 
 def make_pairs(groups: torch.Tensor, clusters: torch.Tensor, n_sim: int) -> _Pairs:
-    """Pairs of cells of one group, from two clusters drawn uniformly among the pairs of
-    distinct clusters present in the group (random cells where the group has one cluster);
-    each group gets doublets in proportion to its cells."""
+    """Pairs of cells of one group from two different clusters, every such pair of cells
+    equally likely (random cells where the group has one cluster); each group gets doublets in
+    proportion to its cells."""
     firsts, seconds = [], []
     for g in torch.unique(groups):
         members = torch.nonzero(groups == g).ravel()
         count = max(1, round(n_sim * len(members) / len(groups)))
-        present = torch.unique(clusters[members])
-        if len(present) < 2:
+        if len(torch.unique(clusters[members])) < 2:
             pick = torch.randint(len(members), (2, count), device=groups.device)
             firsts.append(members[pick[0]])
             seconds.append(members[pick[1]])
             continue
-        a = torch.randint(len(present), (count,), device=groups.device)
-        b = torch.randint(len(present) - 1, (count,), device=groups.device)
-        b = b + (b >= a).long()  # a different cluster, uniformly
-        local = torch.full((int(clusters.max()) + 1,), -1, device=groups.device)
-        local[present] = torch.arange(len(present), device=groups.device)
-        relabelled = local[clusters]
-        firsts.append(_pick(members, relabelled, a))
-        seconds.append(_pick(members, relabelled, b))
+        pairs = _heterotypic(members, clusters, count)
+        firsts.append(pairs.first)
+        seconds.append(pairs.second)
     return _Pairs(torch.cat(firsts), torch.cat(seconds))
 
 
