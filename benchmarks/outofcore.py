@@ -128,17 +128,23 @@ def child_quality(args) -> dict:
 
 
 class _StageTimes(logging.Handler):
-    """Collects the ``omicvae_sc: <stage> in <s> s`` lines of a run."""
+    """Collects the ``omicvae_sc: <stage> in <s> s`` lines of a run, and the process's peak
+    and current RSS (MiB) as each stage ends, so that a run's peak can be placed."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.seconds: dict[str, float] = {}
+        self.rss: dict[str, tuple[float, float]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         if text.startswith("omicvae_sc: ") and text.endswith(" s") and " in " in text:
             name, _, value = text[len("omicvae_sc: "):-2].rpartition(" in ")
             self.seconds[name] = self.seconds.get(name, 0.0) + float(value)
+            self.mark(name)
+
+    def mark(self, name: str) -> None:
+        self.rss[name] = (round(rss_mb()), round(rss_mb("VmRSS")))
 
 
 def child_end_to_end(args) -> dict:
@@ -161,13 +167,16 @@ def child_end_to_end(args) -> dict:
                   n_samples=args.n_samples, train_kwargs={"batch_size": args.batch_size},
                   progress_bar=True)
     t_fit = time.perf_counter() - t0
+    stages.mark("fit and scores (tl.omicvae)")
     out = Path(args.out_dir) / (Path(args.file).stem + "_omicvae_results.h5ad")
     ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm), uns=dict(adata.uns)).write_h5ad(out)
+    stages.mark("results written")
     return {"file": Path(args.file).name, "cells": adata.n_obs, "epochs": args.epochs,
             "anomaly": args.anomaly, "doublets": args.doublets, "n_samples": args.n_samples,
             "wall_s": time.perf_counter() - t0, "fit_and_score_s": t_fit,
             "peak_rss_mb": rss_mb(), "rss_open_mb": rss_open,
             "results_file_mb": out.stat().st_size / 2**20, "stages_s": stages.seconds,
+            "peak_and_rss_mb_after": stages.rss,
             "obs_columns": [c for c in adata.obs.columns if c.startswith("omicvae")]}
 
 
