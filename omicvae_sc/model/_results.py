@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from omicvae_sc.data import (
     CountTensors,
@@ -114,7 +115,8 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
     bars = options.progress_bar and (team is None or team.leader)
     with stage("log-likelihood, rate and distortion"), \
             cell_progress(data, "log p(x)", enabled=bars) as counted:
-        ev = _outputs.evaluate(module, counted, options.n_samples, seed, team=team)
+        ev = _outputs.evaluate(module, counted, options.n_samples, seed, team=team,
+                               dtype=torch.float32)
     obs = {"log_likelihood": ev.log_likelihood.numpy(), "rate": ev.rate.numpy(),
            "distortion": ev.distortion.numpy()}
     params = {**params, "n_samples": options.n_samples, "device": str(data.device)}
