@@ -102,9 +102,8 @@ def read_frame(group) -> pd.DataFrame:
     strings = names.asstr() if isinstance(names, h5py.Dataset) else names
     for lo in range(0, len(index), NAMES_PER_READ):
         index[lo:lo + NAMES_PER_READ] = np.asarray(strings[lo:lo + NAMES_PER_READ], dtype=object)
-    frame = pd.DataFrame({c: ad.io.read_elem(group[c]) for c in column_order},
-                         index=pd.Index(index, name=None if key == "_index" else key, copy=False))
-    return frame
+    return pd.DataFrame({c: ad.io.read_elem(group[c]) for c in column_order},
+                        index=pd.Index(index, name=None if key == "_index" else key, copy=False))
 
 
 def read_lazy(path: str | Path) -> AnnData:

@@ -106,11 +106,10 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
     return torch.unique(labels, return_inverse=True)[1]
 
 
-def _heterotypic(members: torch.Tensor, labels: torch.Tensor, count: int) -> _Pairs:
-    """``count`` pairs of ``members`` from two different clusters (``labels``, one per cell of
-    the data), every such pair of cells equally likely: as random cells meet in a droplet, so a
-    pair of clusters is made in proportion to the product of their sizes."""
-    local = torch.unique(labels[members], return_inverse=True)[1]
+def _heterotypic(members: torch.Tensor, local: torch.Tensor, count: int) -> _Pairs:
+    """``count`` pairs of ``members`` from two different clusters (``local``: each member's
+    cluster, numbered 0..k-1), every such pair of cells equally likely: as random cells meet in
+    a droplet, so a pair of clusters is made in proportion to the product of their sizes."""
     order = torch.argsort(local, stable=True)
     by_cluster, sizes = members[order], torch.bincount(local)
     starts = torch.cumsum(sizes, 0) - sizes
@@ -133,12 +132,13 @@ def make_pairs(groups: torch.Tensor, clusters: torch.Tensor, n_sim: int) -> _Pai
     for g in torch.unique(groups):
         members = torch.nonzero(groups == g).ravel()
         count = max(1, round(n_sim * len(members) / len(groups)))
-        if len(torch.unique(clusters[members])) < 2:
+        local = torch.unique(clusters[members], return_inverse=True)[1]
+        if int(local.max()) == 0:  # one cluster
             pick = torch.randint(len(members), (2, count), device=groups.device)
             firsts.append(members[pick[0]])
             seconds.append(members[pick[1]])
             continue
-        pairs = _heterotypic(members, clusters, count)
+        pairs = _heterotypic(members, local, count)
         firsts.append(pairs.first)
         seconds.append(pairs.second)
     return _Pairs(torch.cat(firsts), torch.cat(seconds))
