@@ -7,8 +7,10 @@ resident memory (VmHWM, reset after imports) is its own.
 latent of every cell, streamed from disk (``ov.read_lazy``) and, for ``--memory-up-to`` cells or
 fewer, from memory (``anndata.read_h5ad``): seconds of the set-up check, of the epoch and of the
 latent, training cells/s, peak RSS, the RSS once the file is open (imports plus the AnnData's
-own obs and var, which anndata keeps in memory) and the peak above that (``model_peak_mb``:
-what set-up, training and inference add, the latent included). ``--drop-cache`` adds a
+own obs and var, which anndata keeps in memory; ``obs_mb`` is obs's own size) and the peak
+above that (``model_peak_mb``: what set-up, training and inference add, the latent included,
+unless ``--latent-to-disk`` writes it to a zarr store chunk by chunk), and the peak and RSS
+after each stage, each stage's peak its own. ``--drop-cache`` adds a
 streamed run whose page cache is emptied after set-up, so that the epoch reads every block from
 the disk, as it would from a file larger than the page cache. ``--scvi-python`` adds
 scvi-tools 1.4.2 on the same file (it loads the file into memory): its peak RSS and cells/s for
@@ -37,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,39 +62,49 @@ STREAM_GRID = [(1024, 16), (256, 4), (64, 4), (16, 4), (64, 1)]
 
 # ---------------------------------------------------------------------------- children
 def child_scale(args) -> dict:
-    """One epoch and the latent of one file, streamed or in memory."""
+    """One epoch and the latent of one file, streamed or in memory; the peak and the RSS after
+    each stage (opening, set-up, epoch, latent), each peak its own (VmHWM reset before it)."""
     import anndata as ad
     import torch
 
     import omicvae_sc as ov
 
     torch.set_num_threads(args.threads)
+    stages: dict[str, float] = {}
+
+    def stage(name, since):
+        stages[f"{name}_s"] = time.perf_counter() - since
+        stages[f"{name}_peak_mb"], stages[f"{name}_rss_mb"] = rss_mb(), rss_mb("VmRSS")
+        reset_peak_rss()
+        return time.perf_counter()
+
     base = reset_peak_rss()
     t0 = time.perf_counter()
     adata = ov.read_lazy(args.file) if args.mode == "stream" else ad.read_h5ad(args.file)
-    t_open = time.perf_counter() - t0
-    rss_open = rss_mb("VmRSS")  # imports and the AnnData (its obs and var live in memory)
-    t0 = time.perf_counter()
+    t0 = stage("open", t0)  # imports and the AnnData (its obs and var live in memory)
     ov.OmicVAE.setup_anndata(adata)
-    t_setup = time.perf_counter() - t0
     model = ov.OmicVAE(adata, device="cpu", seed=0)
     if args.drop_cache:  # the set-up check just read the file: the epoch must not find it cached
         _drop_page_cache()
-    t0 = time.perf_counter()
+    t0 = stage("setup", t0)
     model.train(1, batch_size=args.batch_size, validation_fraction=0.0, progress_bar=False,
                 **({"block_rows": args.block_rows, "buffer_blocks": args.buffer_blocks}
                    if args.mode == "stream" else {}))
-    t_epoch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    z = model.get_latent_representation()
-    t_latent = time.perf_counter() - t0
+    t0 = stage("epoch", t0)
+    store = args.out_dir / f".latent-{os.getpid()}.zarr" if args.latent_to_disk else None
+    z = model.get_latent_representation(out=store)
+    stage("latent", t0)
+    finite = bool(np.isfinite(z[:]).all())
+    if store is not None:
+        shutil.rmtree(store)
+    peaks = [stages[f"{k}_peak_mb"] for k in ("setup", "epoch", "latent")]
     return {"file": Path(args.file).name, "mode": args.mode, "cells": adata.n_obs,
-            "open_s": t_open, "setup_s": t_setup, "epoch_s": t_epoch,
-            "cells_per_s": adata.n_obs / t_epoch, "latent_s": t_latent,
-            "latent_finite": bool(np.isfinite(z).all()),
+            "cells_per_s": adata.n_obs / stages["epoch_s"], "latent_finite": finite,
+            "latent": "disk" if store is not None else "memory",
             "page_cache": "dropped" if args.drop_cache else "warm",
-            "peak_rss_mb": rss_mb(), "rss_base_mb": base, "rss_open_mb": rss_open,
-            "model_peak_mb": rss_mb() - rss_open}
+            "peak_rss_mb": max(stages["open_peak_mb"], *peaks), "rss_base_mb": base,
+            "obs_mb": adata.obs.memory_usage(deep=True).sum() / 2**20,
+            "model_peak_mb": max(peaks) - stages["open_rss_mb"], **stages}
 
 
 def _drop_page_cache() -> None:
@@ -199,8 +213,10 @@ def part_scale(args) -> pd.DataFrame:
                 row = run_child(["--child", "scale", "--mode", mode, "--file", str(file),
                                  "--batch-size", str(args.batch_size), "--threads",
                                  str(args.threads), "--block-rows", str(args.block_rows),
-                                 "--buffer-blocks", str(args.buffer_blocks)]
-                                + (["--drop-cache"] if drop else []))
+                                 "--buffer-blocks", str(args.buffer_blocks),
+                                 "--out-dir", str(args.out_dir)]
+                                + (["--drop-cache"] if drop else [])
+                                + (["--latent-to-disk"] if args.latent_to_disk else []))
                 print(row, flush=True)
                 rows.append(row)
         if args.scvi_python and n <= args.memory_up_to:
@@ -299,7 +315,11 @@ def main() -> None:
                         help="scale: also stream each file with the page cache emptied after "
                              "set-up (Linux, root): the epoch reads from the disk")
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()),
-                        help="end-to-end: where the results h5ad is written")
+                        help="end-to-end: where the results h5ad is written; scale: where "
+                             "--latent-to-disk writes the latent (then removed)")
+    parser.add_argument("--latent-to-disk", action="store_true",
+                        help="scale: write the latent to a zarr store chunk by chunk "
+                             "(get_latent_representation(out=)) instead of holding it")
     # a child's own arguments
     parser.add_argument("--child", choices=["scale", "quality", "end-to-end"],
                         help=argparse.SUPPRESS)

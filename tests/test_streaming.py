@@ -21,7 +21,7 @@ import torch
 
 import omicvae_sc as ov
 from omicvae_sc import OmicVAE
-from omicvae_sc.data._disk import RowReader, is_on_disk
+from omicvae_sc.data._disk import RowReader, _write_whole_chunks, is_on_disk
 from omicvae_sc.data._stream import BlockStream
 
 
@@ -402,6 +402,51 @@ def test_denoised_layer_is_written_to_disk_chunk_by_chunk(on_disk, tmp_path):
     np.testing.assert_array_equal(genes[:], model.get_normalized_expression(
         gene_list=["gene3", "gene7"]))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_latent_can_go_to_disk_chunk_by_chunk(on_disk, tmp_path):
+    """``get_latent_representation(out=)`` writes the numbers it would return, means and
+    seeded draws alike, into a new zarr store; a path taken or of another kind is refused
+    before anything is computed, and the input file is unchanged."""
+    _, path = on_disk
+    before = _sha(path)
+    adata = ov.read_lazy(path)
+    OmicVAE.setup_anndata(adata, layer="counts")
+    model = OmicVAE(adata, n_latent=3, n_hidden=16, device="cpu")
+    model.train(2, progress_bar=False)
+    mean = model.get_latent_representation(out=tmp_path / "z.zarr")
+    assert is_on_disk(mean) and mean.shape == (adata.n_obs, 3)
+    np.testing.assert_array_equal(mean[:], model.get_latent_representation())
+    draw = model.get_latent_representation(give_mean=False, seed=4, out=tmp_path / "d.zarr")
+    np.testing.assert_array_equal(draw[:], model.get_latent_representation(give_mean=False,
+                                                                           seed=4))
+    assert not np.array_equal(draw[:], mean[:])
+    with pytest.raises(FileExistsError, match=r"out .*z\.zarr' already exists; choose a new"):
+        model.get_latent_representation(out=tmp_path / "z.zarr")
+    with pytest.raises(ValueError, match=r"out .*z\.npy' must end in \.zarr"):
+        model.get_latent_representation(out=tmp_path / "z.npy")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cells.h5ad") == \
+        ["d.zarr", "z.zarr"]
+    assert _sha(path) == before
+
+
+def test_rows_are_written_a_whole_zarr_chunk_at_a_time(tmp_path):
+    """Chunks of cells that straddle the store's chunks (2, 5, 1, 0 and 4 rows into chunks of
+    3) land in order, each zarr chunk written once, whole."""
+    import zarr
+
+    rows = np.arange(12 * 2, dtype=np.float32).reshape(12, 2)
+    array = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(12, 2), chunks=(3, 2),
+                            dtype="float32", zarr_format=2)
+    writes = []
+    setitem = type(array).__setitem__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(array), "__setitem__",
+                   lambda self, key, value: (writes.append(key), setitem(self, key, value)))
+        parts = np.split(rows, [2, 7, 8, 8])
+        assert _write_whole_chunks(array, iter(parts), 3) == 12
+    np.testing.assert_array_equal(array[:], rows)
+    assert writes == [slice(lo, lo + 3) for lo in range(0, 12, 3)]
 
 
 def test_on_disk_counts_need_a_path_for_the_denoised_layer(on_disk, tmp_path):

@@ -52,20 +52,30 @@ def cell_chunks(data: CountTensors, n_samples: int = 1
                                 shuffle=False)
 
 
-@torch.inference_mode()
-def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0,
-           team: Team | None = None) -> np.ndarray:
-    """Posterior means (or one draw per cell), ``(n_cells, n_latent)`` float32 (``team``: as
-    in :func:`per_cell`)."""
-    def chunks(part):
-        for x, codes in cell_chunks(part):
+def latent_chunks(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0
+                  ) -> Iterator[torch.Tensor]:
+    """Posterior means (or one draw per cell, seeded by ``seed``) of the cells of ``data``,
+    chunk by chunk in order."""
+    with torch.inference_mode(), seeded(seed, data.device):
+        for x, codes in cell_chunks(data):
             posterior = module.inference(x, codes)
             yield posterior.mean if give_mean \
                 else posterior.sample(torch.randn_like(posterior.mean))
 
+
+def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0,
+           team: Team | None = None, out=None):
+    """Posterior means (or one draw per cell), ``(n_cells, n_latent)`` float32 (``team``: as
+    in :func:`per_cell`); with ``out`` (a new ``.zarr`` store) written there chunk by chunk,
+    the same numbers, and returned opened read-only."""
+    if out is not None:
+        chunks = (z.cpu().numpy() for z in latent_chunks(module, data, give_mean=give_mean,
+                                                           seed=seed))
+        return dense_file(team, out, (data.n_cells, module.n_latent), chunks)
+
     def compute(part):
-        with seeded(seed, data.device):
-            return stack_rows(part.n_cells, chunks(part))
+        return stack_rows(part.n_cells, latent_chunks(module, part, give_mean=give_mean,
+                                                      seed=seed))
 
     return per_cell(data, team, compute).cpu().numpy()
 
