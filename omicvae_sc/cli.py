@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="flag this share of cells with the highest anomaly scores (default: "
                      "a robust cutoff, median + 3 x 1.4826 MAD)")
     fit.add_argument("--doublet-rate", type=float, default=None, metavar="FRACTION",
-                     help="flag this share of cells as doublets (default: 0.8%% per 1,000 "
-                     "cells)")
+                     help="flag this share of each batch's cells as doublets (default: "
+                     "0.8%% per 1,000 cells of each batch)")
     fit.add_argument("--n-top-genes", type=_positive_int, default=None, metavar="N",
                      help="model only the N most variable genes of the counts (scanpy's "
                      "seurat_v3 flavour, per batch with --batch-key); results are written for "

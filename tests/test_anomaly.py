@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 import omicvae_sc as ov
 from omicvae_sc import OmicVAE
-from omicvae_sc.model._scores import default_doublet_rate
+from omicvae_sc.model._scores import default_doublet_rates
 
 EPOCHS = 80
 
@@ -298,12 +298,13 @@ def test_default_anomaly_rule_is_median_plus_three_robust_sd():
 
 
 def test_default_doublet_rate_follows_cells_loaded():
-    assert default_doublet_rate(1000) == pytest.approx(0.008)
-    assert default_doublet_rate(10_000) == pytest.approx(0.08)
+    assert default_doublet_rates(np.zeros(1000)) == pytest.approx(np.full(1000, 0.008))
+    np.testing.assert_allclose(default_doublet_rates(np.repeat([3, 1], [10_000, 2_000])),
+                               np.repeat([0.08, 0.016], [10_000, 2_000]))
     with pytest.warns(UserWarning, match=r"The default doublet rate, 0\.8% per 1,000 cells "
-                                         r"loaded together, is capped at 25% for these "
-                                         r"1,000,000 cells: it assumes they are one loading"):
-        assert default_doublet_rate(10**6) == 0.25
+                                         r"loaded together, is capped at 25% for 1 loading of "
+                                         r"more than 31,250 cells \(the largest: 1,000,000"):
+        assert (default_doublet_rates(np.zeros(10**6)) == 0.25).all()
     model, adata, _ = _with_doublets()
     out = _write(model, adata, anomaly=False)
     rule = out.uns["omicvae"]["doublet"]
@@ -311,6 +312,41 @@ def test_default_doublet_rate_follows_cells_loaded():
     assert out.obs["omicvae_is_doublet"].sum() == math.ceil(rule["value"] * adata.n_obs)
     out = _write(model, adata, anomaly=False, doublet_rate=0.05)
     assert out.obs["omicvae_is_doublet"].sum() == math.ceil(0.05 * adata.n_obs)
+
+
+def test_each_batch_is_a_loading_with_its_own_doublet_rate():
+    """With a batch key, a batch of 600 cells and one of 200 get the priors 0.48% and 0.16%
+    (0.8% per 1,000 cells loaded together, not 0.64% for all 800), and each flags its own
+    share: the probabilities differ from those at one shared rate by exactly the priors' log
+    odds; a rate given is each batch's share."""
+    data = ov.datasets.synthetic_counts(n_cells=1200, n_genes=60, n_groups=3, n_batches=2,
+                                        seed=5)
+    batch = data.obs["batch"].astype(str).to_numpy()
+    first = batch == batch[0]
+    adata = data[first | (np.cumsum(~first) <= 200)].copy()
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    sizes = {b: int((batch == b).sum()) for b in np.unique(batch)}
+    assert sorted(sizes.values()) == [200, 600]
+    OmicVAE.setup_anndata(adata, batch_key="batch")
+    model = OmicVAE(adata, n_latent=3, n_hidden=16, seed=0, device="cpu")
+    model.train(5, progress_bar=False)
+    rate = np.array([0.008 * sizes[b] / 1000 for b in batch])
+    out = _write(model, adata, anomaly=False)
+    flagged = out.obs["omicvae_is_doublet"].to_numpy()
+    for b, n in sizes.items():
+        assert flagged[batch == b].sum() == math.ceil(0.008 * n / 1000 * n)
+    assert out.uns["omicvae"]["doublet"]["value"] == pytest.approx(rate.mean())
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    shared = model.get_doublet_score(expected_rate=float(rate.mean()))
+    np.testing.assert_allclose(logit(out.obs["omicvae_doublet_score"].to_numpy()) - logit(shared),
+                               logit(rate) - logit(rate.mean()), atol=1e-6)
+    given = _write(model, adata, anomaly=False, doublet_rate=0.05)
+    for b, n in sizes.items():
+        assert given.obs["omicvae_is_doublet"].to_numpy()[batch == b].sum() == \
+            math.ceil(0.05 * n)
 
 
 def test_flags_survive_h5ad(tmp_path):

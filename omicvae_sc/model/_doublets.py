@@ -69,7 +69,7 @@ NEWTON_STEPS = 50
 class DoubletSettings:
     """How :func:`doublet_probability` runs (see ``OmicVAE.get_doublet_score``)."""
 
-    expected_rate: float
+    rates: torch.Tensor  # (n_cells,) float64: each cell's prior doublet rate
     sim_ratio: float = 1.0
     n_repeats: int = 3
     n_folds: int = 5
@@ -445,8 +445,7 @@ def doublet_probability(module: VAE, data: CountTensors, settings: DoubletSettin
                 log_odds[unit.cells] += _unit_log_odds(data, clusters, unit, settings,
                                                        profiles_in)
                 bar.update()
-    rate = settings.expected_rate
-    prior = math.log(rate / (1 - rate))
+    prior = torch.log(settings.rates / (1 - settings.rates))
     return torch.sigmoid(log_odds.double() / settings.n_repeats + prior).cpu().numpy()
 
 
@@ -470,4 +469,4 @@ def _unit_log_odds(data: CountTensors, clusters: torch.Tensor, unit: _Unit,
         real[mine] = features[:len(mine)]
         artificial.append(features[len(mine):])
     return cross_validated_log_odds(torch.cat([real, *artificial]), n_real,
-                                    settings.expected_rate, settings.n_folds)
+                                    float(settings.rates[unit.cells].mean()), settings.n_folds)

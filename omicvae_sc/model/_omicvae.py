@@ -723,8 +723,9 @@ class OmicVAE:
             ``batch_key`` at setup, within each batch); default: the AnnData the model was
             built on.
         expected_rate
-            Prior doublet rate; ``None``: 0.8% per 1,000 cells (10x Genomics), at most 25%.
-            Also the share of cells the first round drops from the singlets.
+            Prior doublet rate; ``None``: 0.8% per 1,000 cells of the cell's batch (10x
+            Genomics; each batch taken as one loading), at most 25%. Also the share of cells
+            the first round drops from the singlets.
         sim_ratio
             Artificial doublets per real cell (at least 1,500 are made).
         n_repeats
@@ -777,8 +778,9 @@ class OmicVAE:
         doublets
             Score (:meth:`get_doublet_score`) and flag doublets.
         doublet_rate
-            Doublet rule: flag this share of cells with the highest doublet scores (also the
-            prior of the score); ``None``: 0.8% per 1,000 cells loaded, at most 25%.
+            Doublet rule: flag this share of each batch's cells with the highest doublet
+            scores (also the prior of the score); ``None``: 0.8% per 1,000 cells of the batch
+            (each batch taken as one loading), at most 25%.
         seed
             Seeds the draws.
         denoised_path

@@ -43,20 +43,38 @@ def anomaly(module: VAE, data: CountTensors, n_draws: int, n_samples: int, seed:
     return _outputs.per_cell(data, team, compute).double().cpu().numpy()
 
 
-def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed: int, *,
-             by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3,
-             progress_bar: bool = False) -> np.ndarray:
-    """Doublet probability per cell (see ``OmicVAE.get_doublet_score``), float64."""
+def doublet_rates(data: CountTensors, expected_rate: float | None, by_batch: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's prior doublet rate and its loading (the batch code when ``by_batch``, else
+    0): ``expected_rate`` for every cell, or by default 0.8% per 1,000 cells of its loading."""
     _scores.check_rate("expected_rate", expected_rate)
+    loading = data.codes[:, 0].cpu().numpy() if by_batch \
+        else np.zeros(data.n_cells, dtype=np.int64)
+    rates = _scores.default_doublet_rates(loading) if expected_rate is None \
+        else np.full(data.n_cells, float(expected_rate))
+    return rates, loading
+
+
+def doublets(module: VAE, data: CountTensors, expected_rate: float | None, seed: int, *,
+             by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3) -> np.ndarray:
+    """Doublet probability per cell (see ``OmicVAE.get_doublet_score``), float64."""
+    rates, _ = doublet_rates(data, expected_rate, by_batch)
+    return doublets_at(module, data, rates, seed, by_batch=by_batch, sim_ratio=sim_ratio,
+                       n_repeats=n_repeats)
+
+
+def doublets_at(module: VAE, data: CountTensors, rates: np.ndarray, seed: int, *,
+                by_batch: bool, sim_ratio: float = 1.0, n_repeats: int = 3,
+                progress_bar: bool = False) -> np.ndarray:
+    """:func:`doublets` at the prior rates ``rates`` of each cell (:func:`doublet_rates`)."""
     if not sim_ratio > 0:
         msg = (f"sim_ratio must be positive (artificial doublets per cell), got "
                f"sim_ratio={sim_ratio!r}.")
         raise ValueError(msg)
     check_count("n_repeats", n_repeats)
-    rate = _scores.default_doublet_rate(data.n_cells) if expected_rate is None \
-        else expected_rate
-    settings = _doublets.DoubletSettings(expected_rate=rate, sim_ratio=sim_ratio,
-                                         n_repeats=n_repeats, progress_bar=progress_bar)
+    settings = _doublets.DoubletSettings(
+        rates=torch.as_tensor(rates, dtype=torch.float64, device=data.device),
+        sim_ratio=sim_ratio, n_repeats=n_repeats, progress_bar=progress_bar)
     with seeded(seed, data.device):
         return _doublets.doublet_probability(module, data, settings, by_batch=by_batch)
 
@@ -131,11 +149,12 @@ def compute_results(module: VAE, data: CountTensors, options: ResultOptions, *,
         obs |= {"anomaly_score": score, "is_anomaly": flags.flagged}
         flag_rules["anomaly"] = flags.to_dict()
     if options.doublets:
-        rate = options.doublet_rate or _scores.default_doublet_rate(data.n_cells)
+        by_batch = "batch_key" in setup
+        rates, loading = doublet_rates(data, options.doublet_rate, by_batch)
         with stage("doublet scores"):
-            score = doublets(module, data, rate, seed, by_batch="batch_key" in setup,
-                             progress_bar=bars)
-        flags = _scores.flag_top_fraction(score, rate)
+            score = doublets_at(module, data, rates, seed, by_batch=by_batch,
+                                progress_bar=bars)
+        flags = _scores.flag_top_fraction(score, rates, loading)
         obs |= {"doublet_score": score, "is_doublet": flags.flagged}
         flag_rules["doublet"] = flags.to_dict()
     with stage("latent diagnostics and latents"), \

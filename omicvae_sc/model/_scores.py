@@ -62,19 +62,23 @@ class Flags:
                 "n_flagged": int(self.flagged.sum())}
 
 
-def default_doublet_rate(n_cells: int) -> float:
-    """0.8% per 1,000 cells loaded (10x Genomics' table), at most 25%. At the cap (from
-    31,250 cells) a warning says that the rule assumes one loading: an atlas of many loadings
-    would have a quarter of its cells flagged."""
-    rate = DOUBLETS_PER_THOUSAND_CELLS * n_cells / 1000
-    if rate > MAX_DOUBLET_RATE:
+def default_doublet_rates(loading: np.ndarray) -> np.ndarray:
+    """Each cell's prior doublet rate, ``(n_cells,)`` float64: 0.8% per 1,000 cells of its
+    loading (10x Genomics' table; ``loading``: a code per cell, the batch when the model has
+    one, else one code for all), at most 25%. A warning says when a loading reaches the cap
+    (from 31,250 cells): the rule assumes that those cells were loaded together."""
+    _, inverse, sizes = np.unique(loading, return_inverse=True, return_counts=True)
+    rates = DOUBLETS_PER_THOUSAND_CELLS * sizes / 1000
+    if (rates > MAX_DOUBLET_RATE).any():
+        n_capped = int((rates > MAX_DOUBLET_RATE).sum())
         msg = (f"The default doublet rate, 0.8% per 1,000 cells loaded together, is capped at "
-               f"25% for these {n_cells:,} cells: it assumes they are one loading. For cells "
-               "of many loadings (an atlas), pass doublet_rate= (get_doublet_score: "
-               "expected_rate=), e.g. 0.008 per 1,000 cells of one loading; or doublets=False.")
+               f"25% for {n_capped} loading{'' if n_capped == 1 else 's'} of more than "
+               f"31,250 cells (the largest: {int(sizes.max()):,} cells); it assumes each "
+               "batch is one loading. For cells of many loadings, set up the model with the "
+               "sample as batch_key, pass doublet_rate= (get_doublet_score: expected_rate=), "
+               "or doublets=False.")
         warnings.warn(msg, UserWarning, stacklevel=3)
-        return MAX_DOUBLET_RATE
-    return rate
+    return np.minimum(rates, MAX_DOUBLET_RATE)[inverse.ravel()]
 
 
 def check_rate(name: str, value: float | None) -> None:
@@ -90,15 +94,21 @@ def check_n_mads(n_mads: float) -> None:
         raise ValueError(msg)
 
 
-def flag_top_fraction(scores: np.ndarray, rate: float) -> Flags:
-    """Flag exactly the ``ceil(rate * n)`` highest scores; ties at the threshold go to the cells
-    that come first."""
-    n_flag = math.ceil(rate * len(scores))
-    top = np.argsort(-scores, kind="stable")[:n_flag]
+def flag_top_fraction(scores: np.ndarray, rate, groups: np.ndarray | None = None) -> Flags:
+    """Flag exactly the ``ceil(rate * n)`` highest scores of each group (``groups``: a code per
+    cell; ``None``: one group), ``rate`` a fraction or each cell's (the same within a group);
+    ties at a group's threshold go to the cells that come first. The rule records the mean
+    rate and the lowest flagged score."""
+    rates = np.broadcast_to(np.asarray(rate, dtype=np.float64), scores.shape)
     flagged = np.zeros(len(scores), dtype=bool)
-    flagged[top] = True
-    threshold = float(scores[top[-1]]) if n_flag else math.inf
-    return Flags(flagged=flagged, rule="expected_rate", threshold=threshold, value=float(rate))
+    members_of = [np.arange(len(scores))] if groups is None else \
+        [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    for members in members_of:
+        n_flag = math.ceil(rates[members[0]] * len(members))
+        flagged[members[np.argsort(-scores[members], kind="stable")[:n_flag]]] = True
+    threshold = float(scores[flagged].min()) if flagged.any() else math.inf
+    value = rates[0] if (rates == rates[0]).all() else rates.mean()  # a rate given stays exact
+    return Flags(flagged=flagged, rule="expected_rate", threshold=threshold, value=float(value))
 
 
 def flag_robust(scores: np.ndarray, n_mads: float) -> Flags:

@@ -75,8 +75,8 @@ def omicvae(
     doublets
         Score and flag doublets (:meth:`~omicvae_sc.OmicVAE.get_doublet_score`).
     doublet_rate
-        Share of cells flagged as doublets (highest scores first); ``None``: 0.8% per 1,000
-        cells, at most 25%.
+        Share of each batch's cells flagged as doublets (highest scores first); ``None``: 0.8%
+        per 1,000 cells of the batch (each batch taken as one loading), at most 25%.
     n_top_genes
         Model only this many genes: the most variable ones of the raw counts, by scanpy's
         ``highly_variable_genes(flavor="seurat_v3")`` (per batch and combined when
