@@ -4,6 +4,7 @@ draws. ``OmicVAE``'s ``get_*`` methods validate their input and call these."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -64,7 +65,7 @@ def latent_chunks(module: VAE, data: CountTensors, *, give_mean: bool = True, se
 
 
 def latent(module: VAE, data: CountTensors, *, give_mean: bool = True, seed: int = 0,
-           team: Team | None = None, out=None):
+           team: Team | None = None, out: str | os.PathLike | None = None):
     """Posterior means (or one draw per cell), ``(n_cells, n_latent)`` float32 (``team``: as
     in :func:`per_cell`); with ``out`` (a new ``.zarr`` store) written there chunk by chunk,
     the same numbers, and returned opened read-only."""
